@@ -1,0 +1,167 @@
+"""Load SegGPT weights: a Hugging Face model folder or an original BAAI checkpoint, from any fsspec URL.
+
+Our parameter names are the authors' (`seggpt_vit_large.pth`); Hugging Face names are renamed on load.
+Pickled files are read with `weights_only=True`: a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pickle
+import posixpath
+import re
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+
+from model.config import SegGptConfig
+from model.seggpt import SegGpt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Hugging Face name (after an optional "model." prefix) -> ours.
+_HF_RENAMES = [
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"embeddings\.mask_token$", "mask_token"),
+    (r"embeddings\.segment_token_input$", "segment_token_x"),
+    (r"embeddings\.segment_token_prompt$", "segment_token_y"),
+    (r"embeddings\.type_token_semantic$", "type_token_cls"),
+    (r"embeddings\.type_token_instance$", "type_token_ins"),
+    (r"embeddings\.position_embeddings$", "pos_embed"),
+    (r"encoder\.layers\.(\d+)\.attention\.", r"blocks.\1.attn."),
+    (r"encoder\.layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.(\d+)\.mlp\.lin1\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layers\.(\d+)\.mlp\.lin2\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.layernorm\.", "norm."),
+    (r"decoder\.decoder_embed\.", "decoder_embed."),
+    (r"decoder\.decoder_pred\.conv\.", "decoder_pred.0."),
+    (r"decoder\.decoder_pred\.layernorm\.", "decoder_pred.1."),
+    (r"decoder\.decoder_pred\.head\.", "decoder_pred.3."),
+]
+_HF_MARKERS = ("embeddings.", "encoder.layers.", "decoder.decoder_")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the config."""
+
+
+def hf_to_native(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face `SegGptForImageSegmentation` (or `SegGptModel`) state dict to our names.
+
+    Keys that match no rule are kept as they are, so that a strict load reports them as unexpected.
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("model.")
+        for pattern, replacement in _HF_RENAMES:
+            name, count = re.subn(f"^{pattern}", replacement, name)
+            if count:
+                break
+        else:
+            name = key
+        renamed[name] = value
+    return renamed
+
+
+def load_model(
+    uri: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> SegGpt:
+    """Load a SegGPT model in eval mode from a local path or fsspec URL (`s3://`, `gs://`, `hf://`, ...).
+
+    `uri` is either a Hugging Face model folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)
+    or a checkpoint file (the authors' `seggpt_vit_large.pth`, a `.bin` or a `.safetensors`); a file takes its
+    config from a `config.json` beside it, or else ViT-L defaults.
+    """
+    dtype = _resolve_dtype(dtype)
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(path):
+        raise CheckpointError(f"{uri}: no such checkpoint file or folder")
+    folder = path if fs.isdir(path) else posixpath.dirname(path)
+    config_path = posixpath.join(folder, "config.json")
+    if fs.isdir(path) and not fs.exists(config_path):
+        raise CheckpointError(f"{uri}: a model folder needs a config.json")
+    if fs.exists(config_path):
+        with fs.open(config_path, "r") as f:
+            config = SegGptConfig.from_dict(json.load(f))
+    else:
+        config = SegGptConfig()
+    state_dict = _read_folder(fs, path, uri) if fs.isdir(path) else _read_file(fs, path, uri)
+    if any(key.removeprefix("model.").startswith(_HF_MARKERS) for key in state_dict):
+        state_dict = hf_to_native(state_dict)
+
+    with torch.device("meta"):
+        model = SegGpt(config)
+    _check_state_dict(model, state_dict, uri)
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device=device or "cpu", dtype=dtype).eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def _read_folder(fs: fsspec.AbstractFileSystem, folder: str, uri: str) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if fs.exists(posixpath.join(folder, name)):
+            return _read_file(fs, posixpath.join(folder, name), uri)
+    index_path = posixpath.join(folder, "model.safetensors.index.json")
+    if fs.exists(index_path):
+        with fs.open(index_path, "r") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in _read_file(fs, posixpath.join(folder, shard), uri).items()}
+    raise CheckpointError(f"{uri}: found no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_file(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, torch.Tensor]:
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".safetensors"):
+        return load_safetensors(data)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the authors' files may carry `args`
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{uri}: refused to unpickle {path} (only plain tensors are loaded): {error}") from error
+    except Exception as error:
+        raise CheckpointError(f"{uri}: cannot read {path} as a PyTorch checkpoint: {error}") from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        loaded = loaded["model"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{uri}: {path} holds no state dict of tensors")
+    return loaded
+
+
+def _check_state_dict(model: SegGpt, state_dict: dict[str, torch.Tensor], uri: str) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped weight."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
+        for k in expected.keys() & state_dict.keys()
+        if tuple(state_dict[k].shape) != expected[k]
+    )
+    problems = [
+        f"{title} ({len(keys)}): " + ", ".join(keys)
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{uri}: checkpoint does not match the config; " + "; ".join(problems))

@@ -1,0 +1,328 @@
+"""SegGPT (Wang et al., 2023) in plain PyTorch.
+
+A ViT over two streams: the *image pair* (prompt image stacked above the input image) and the *mask pair*
+(prompt mask above a masked-out target). The streams run as separate rows of one batch, are averaged into one
+at `merge_index`, and the layer-normed features of a few layers feed a small convolutional decoder that paints
+the mask pair. Parameter names are those of the authors' checkpoint (`seggpt_vit_large.pth`).
+
+Batches are image-major: `num_prompts` consecutive rows share one input image, each with its own prompt.
+With `num_prompts > 1` the input half of every attention output is averaged within each group (the authors'
+feature ensemble): per stream up to and including the merge layer, over the merged rows after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import SegGptConfig
+
+_ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "selu": lambda: nn.SELU(),
+}
+EMBEDDING_TYPES = ("semantic", "instance")
+
+
+@dataclass
+class SegGptOutput:
+    pred_masks: torch.Tensor  # (B, 3, 2H, W): the painted mask pair, normalised like the inputs
+    loss: torch.Tensor | None = None
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, 3, H, W) -> (B, h, w, C)
+
+
+class Attention(nn.Module):
+    """Global multi-head attention with a decomposed relative-position bias (MViTv2), run by SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = grid is not None
+        if grid is not None:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, h, w, C = x.shape
+        qkv = self.qkv(x).reshape(B, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+        bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, h, w, C))
+
+    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """bias[(qy, qx), (ky, kx)] = q . R_h[qy - ky] + q . R_w[qx - kx], as (B, nh, N, N)."""
+        B, nh, N, hd = q.shape
+        r_h = self.rel_pos_h[_relative_index(h, q.device)].to(q.dtype)  # (h, h, hd)
+        r_w = self.rel_pos_w[_relative_index(w, q.device)].to(q.dtype)  # (w, w, hd)
+        q = q.reshape(B, nh, h, w, hd)
+        bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (B, nh, h, w, h)
+        bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (B, nh, h, w, w)
+        return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, nh, N, N)
+
+
+def _relative_index(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) table index of the offset query - key, shifted to start at 0."""
+    coords = torch.arange(size, device=device)
+    return coords[:, None] - coords[None, :] + (size - 1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the input half of the attention output is averaged per prompt group."""
+
+    def __init__(self, config: SegGptConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        grid = config.grid if config.use_relative_position_embeddings else None
+        self.attn = Attention(dim, config.num_attention_heads, config.qkv_bias, grid)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(dim, config.mlp_dim, config.hidden_act)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, num_prompts: int) -> torch.Tensor:
+        a = self.attn(self.norm1(x))
+        if num_prompts > 1:
+            a = _average_input_half(a, num_prompts)
+        x = x + _drop_path(a, self.drop_path, self.training)
+        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def _average_input_half(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Replace the bottom (input) half of each row by its mean over consecutive groups of `group` rows."""
+    R, h, w, C = x.shape
+    prompt, inputs = x.split(h // 2, dim=1)
+    inputs = inputs.reshape(R // group, group, h // 2, w, C).mean(dim=1, keepdim=True)
+    return torch.cat([prompt, inputs.expand(-1, group, -1, -1, -1).reshape(R, h // 2, w, C)], dim=1)
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop whole rows with probability `p` while training."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) >= p
+    return x * keep / (1 - p)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SegGpt(nn.Module):
+    def __init__(self, config: SegGptConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim, p = config.hidden_size, config.patch_size
+        self.patch_embed = PatchEmbed(p, config.num_channels, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.segment_token_x = nn.Parameter(torch.zeros(1, 1, 1, dim))  # image-pair stream
+        self.segment_token_y = nn.Parameter(torch.zeros(1, 1, 1, dim))  # mask-pair stream
+        self.type_token_cls = nn.Parameter(torch.zeros(1, 1, 1, dim))  # "semantic"
+        self.type_token_ins = nn.Parameter(torch.zeros(1, 1, 1, dim))  # "instance"
+        pretrain_grid = config.pretrain_image_size // p
+        self.pos_embed = nn.Parameter(torch.zeros(1, pretrain_grid**2 + 1, dim))  # first entry: unused cls slot
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        decoder_dim = config.decoder_hidden_size
+        self.decoder_embed = nn.Linear(dim * len(config.intermediate_hidden_state_indices), p * p * decoder_dim)
+        self.decoder_pred = nn.Sequential(
+            nn.Conv2d(decoder_dim, decoder_dim, kernel_size=3, padding=1),
+            LayerNorm2d(decoder_dim, eps=config.layer_norm_eps),
+            _ACTIVATIONS[config.hidden_act](),
+            nn.Conv2d(decoder_dim, 3, kernel_size=1),
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random initialisation (truncated normal weights, zero biases), for training from scratch and tests."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention) and module.use_rel_pos:
+                nn.init.trunc_normal_(module.rel_pos_h, std=std)
+                nn.init.trunc_normal_(module.rel_pos_w, std=std)
+        for token in (self.mask_token, self.segment_token_x, self.segment_token_y, self.type_token_cls,
+                      self.type_token_ins):
+            nn.init.normal_(token, std=std)
+        nn.init.trunc_normal_(self.pos_embed, std=std)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_pixel_values: torch.Tensor,
+        prompt_masks: torch.Tensor,
+        *,
+        num_prompts: int = 1,
+        embedding_type: str = "instance",
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> SegGptOutput:
+        """Paint the mask pair. Inputs are (B, 3, H, W), normalised; `labels` (B, 3, H, W) adds the loss.
+
+        `bool_masked_pos` (B or 1, h * w) marks the mask-pair patches replaced by the mask token; by default
+        the whole target (bottom) half.
+        """
+        features = self._encode(
+            pixel_values, prompt_pixel_values, prompt_masks, num_prompts, embedding_type, bool_masked_pos, labels
+        )
+        pred_masks = self._decode(features)
+        loss = None
+        if labels is not None:
+            target = torch.cat([prompt_masks, labels], dim=2).to(pred_masks.dtype)
+            loss = self._loss(pred_masks, target, self._masked_positions(bool_masked_pos, pixel_values.device))
+        return SegGptOutput(pred_masks=pred_masks, loss=loss)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_pixel_values: torch.Tensor,
+        prompt_masks: torch.Tensor,
+        *,
+        num_prompts: int = 1,
+        embedding_type: str = "instance",
+    ) -> torch.Tensor:
+        """The painted input half for each image: (B // num_prompts, 3, H, W).
+
+        Equal to `forward(...).pred_masks[::num_prompts, :, H:]`; the decoder runs on that part alone.
+        """
+        features = self._encode(pixel_values, prompt_pixel_values, prompt_masks, num_prompts, embedding_type)
+        h = self.config.grid[0] // 2
+        # One row per group; one patch row of the prompt half stays as context for the 3x3 convolution.
+        features = [f[::num_prompts, h - 1 :] for f in features]
+        return self._decode(features)[:, :, self.config.patch_size :]
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_pixel_values: torch.Tensor,
+        prompt_masks: torch.Tensor,
+        num_prompts: int,
+        embedding_type: str,
+        bool_masked_pos: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Layer-normed features of the intermediate layers, each (B, h, w, C)."""
+        B = pixel_values.shape[0]
+        self._check_inputs(pixel_values, prompt_pixel_values, prompt_masks, labels, num_prompts, embedding_type)
+        dtype = self.pos_embed.dtype
+        images = torch.cat([prompt_pixel_values, pixel_values], dim=2).to(dtype)  # (B, 3, 2H, W)
+        target = prompt_masks if labels is None else labels
+        masks = torch.cat([prompt_masks, target], dim=2).to(dtype)  # (B, 3, 2H, W)
+
+        x = self.patch_embed(images)  # (B, h, w, C)
+        y = self.patch_embed(masks)
+        masked = self._masked_positions(bool_masked_pos, x.device).reshape(-1, *x.shape[1:3], 1)
+        y = torch.where(masked, self.mask_token, y)
+        pos = self._position_embedding(*x.shape[1:3])
+        type_token = self.type_token_cls if embedding_type == "semantic" else self.type_token_ins
+        x = x + self.segment_token_x + pos + type_token
+        y = y + self.segment_token_y + pos + type_token
+
+        hidden = torch.cat([x, y], dim=0)  # (2B, h, w, C): image-pair rows, then mask-pair rows
+        features = []
+        for i, block in enumerate(self.blocks):
+            hidden = block(hidden, num_prompts)
+            if i == self.config.merge_index:
+                hidden = (hidden[:B] + hidden[B:]) * 0.5  # (B, h, w, C)
+            if i in self.config.intermediate_hidden_state_indices:
+                features.append(self.norm(hidden))
+        return features
+
+    def _decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(n, h, w, C) features -> (n, 3, h * p, w * p) painted pixels."""
+        x = self.decoder_embed(torch.cat(features, dim=-1))  # (n, h, w, p * p * D)
+        n, h, w, _ = x.shape
+        p = self.config.patch_size
+        x = x.reshape(n, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(n, -1, h * p, w * p)
+        return self.decoder_pred(x)
+
+    def _masked_positions(self, bool_masked_pos: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """(B or 1, h * w) bool; default: the bottom half of the grid."""
+        if bool_masked_pos is not None:
+            return bool_masked_pos.to(device=device, dtype=torch.bool)
+        rows, cols = self.config.grid
+        masked = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        masked[rows // 2 :] = True
+        return masked.reshape(1, -1)
+
+    def _position_embedding(self, h: int, w: int) -> torch.Tensor:
+        """Absolute position embedding, bicubic-resized from the pretraining grid: (1, h, w, C)."""
+        table = self.pos_embed[:, 1:]
+        size = int(table.shape[1] ** 0.5)
+        table = table.reshape(1, size, size, -1)
+        if (size, size) == (h, w):
+            return table
+        table = F.interpolate(table.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+        return table.permute(0, 2, 3, 1)
+
+    def _loss(self, pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Smooth-L1 over the pixels of masked patches."""
+        rows, cols = self.config.grid
+        p = self.config.patch_size
+        weight = masked.reshape(-1, 1, rows, cols).expand(pred.shape[0], -1, -1, -1).to(pred.dtype)
+        weight = weight.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)  # (B, 1, 2H, W)
+        loss = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.beta)
+        return (loss * weight).sum() / (weight.sum() * pred.shape[1])
+
+    def _check_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        prompt_pixel_values: torch.Tensor,
+        prompt_masks: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_prompts: int,
+        embedding_type: str,
+    ) -> None:
+        expected = (self.config.num_channels, *self.config.input_size)
+        named = {"pixel_values": pixel_values, "prompt_pixel_values": prompt_pixel_values,
+                 "prompt_masks": prompt_masks, "labels": labels}
+        for name, tensor in named.items():
+            if tensor is not None and (tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected
+                                       or tensor.shape[0] != pixel_values.shape[0]):
+                raise ValueError(
+                    f"{name}: expected shape ({pixel_values.shape[0]}, {', '.join(map(str, expected))}), "
+                    f"got {tuple(tensor.shape)}"
+                )
+        if num_prompts < 1 or pixel_values.shape[0] % num_prompts:
+            raise ValueError(f"num_prompts: {num_prompts} does not divide the batch of {pixel_values.shape[0]} rows")
+        if embedding_type not in EMBEDDING_TYPES:
+            raise ValueError(f"embedding_type: expected one of {EMBEDDING_TYPES}, got {embedding_type!r}")
