@@ -151,7 +151,7 @@ class SegGpt(nn.Module):
         self.type_token_ins = nn.Parameter(torch.zeros(1, 1, 1, dim))  # "instance"
         pretrain_grid = config.pretrain_image_size // p
         self.pos_embed = nn.Parameter(torch.zeros(1, pretrain_grid**2 + 1, dim))  # first entry: unused cls slot
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         decoder_dim = config.decoder_hidden_size
