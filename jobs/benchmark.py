@@ -1,0 +1,94 @@
+"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model [options]`.
+
+`model` times our `SegGpt.predict` against `transformers.SegGptForImageSegmentation` in one process, with
+the same random weights, config, dtype and batch, alternating the two so that machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from model import SegGpt, SegGptConfig, hf_to_native
+from model.checkpoint import DTYPES
+
+
+def benchmark_model(args: argparse.Namespace) -> None:
+    import transformers  # the reference: a test dependency, needed only here
+
+    layers = args.layers
+    config = dict(
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_hidden_layers=layers,
+        image_size=[896, 448],
+        merge_index=min(2, layers - 1),
+        intermediate_hidden_state_indices=sorted({min(i, layers - 1) for i in (5, 11, 17, 23)} | {layers - 1}),
+    )
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    reference = transformers.SegGptForImageSegmentation(transformers.SegGptConfig(**config)).eval()
+    ours = SegGpt(SegGptConfig.from_dict(reference.config.to_dict())).eval()
+    ours.load_state_dict(hf_to_native(reference.state_dict()))
+    reference.to(device, dtype)
+    ours.to(device, dtype)
+
+    rows = args.batch * args.prompts
+    inputs = [torch.randn(rows, 3, 448, 448, device=device, dtype=dtype) for _ in range(3)]
+    inputs[0] = inputs[0][:: args.prompts].repeat_interleave(args.prompts, dim=0)  # one image per group
+
+    def run_reference() -> torch.Tensor:
+        out = reference(*inputs, feature_ensemble=args.prompts > 1).pred_masks
+        return out[:: args.prompts, :, 448:]
+
+    def run_ours() -> torch.Tensor:
+        return ours.predict(*inputs, num_prompts=args.prompts)
+
+    print(
+        f"config: ViT-L width (hidden 1024, 16 heads), {layers} layers, 896x448, dtype {args.dtype}, "
+        f"device {device}, {args.batch} images x {args.prompts} prompts, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    with torch.no_grad():
+        difference = (run_ours().float() - run_reference().float()).abs().max().item()  # also the warm-up
+        times: dict[str, list[float]] = {"reference": [], "ours": []}
+        for _ in range(args.iters):
+            for name, run in (("reference", run_reference), ("ours", run_ours)):
+                _sync(device)
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    rates = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    for name, rate in rates.items():
+        print(f"{name:>9}: {rate:8.3f} images/s (median of {args.iters}, {statistics.median(times[name]):.3f} s/batch)")
+    print(f"    ratio: {rates['ours'] / rates['reference']:.2f}x (ours / reference)")
+    print(f" max|diff| of the input half: {difference:.2e}" + ("" if args.prompts == 1 else
+          " (K > 1: the reference ensembles differently at the merge layer, see README)"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    model = sub.add_parser("model", help="our SegGpt vs transformers, same weights and inputs")
+    model.add_argument("--layers", type=int, default=4, help="transformer layers (ViT-L has 24)")
+    model.add_argument("--batch", type=int, default=2, help="images per batch")
+    model.add_argument("--prompts", type=int, default=1, help="prompts per image (feature ensemble)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.what == "model":
+        benchmark_model(args)
+
+
+if __name__ == "__main__":
+    main()
