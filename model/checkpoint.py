@@ -83,17 +83,7 @@ def load_model(
     """
     dtype = _resolve_dtype(dtype)
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if not fs.exists(path):
-        raise CheckpointError(f"{uri}: no such checkpoint file or folder")
-    folder = path if fs.isdir(path) else posixpath.dirname(path)
-    config_path = posixpath.join(folder, "config.json")
-    if fs.isdir(path) and not fs.exists(config_path):
-        raise CheckpointError(f"{uri}: a model folder needs a config.json")
-    if fs.exists(config_path):
-        with fs.open(config_path, "r") as f:
-            config = SegGptConfig.from_dict(json.load(f))
-    else:
-        config = SegGptConfig()
+    config = _read_config(fs, path, uri)
     state_dict = _read_folder(fs, path, uri) if fs.isdir(path) else _read_file(fs, path, uri)
     if any(key.removeprefix("model.").startswith(_HF_MARKERS) for key in state_dict):
         state_dict = hf_to_native(state_dict)
@@ -103,6 +93,28 @@ def load_model(
     _check_state_dict(model, state_dict, uri)
     model.load_state_dict(state_dict, assign=True)
     return model.to(device=device or "cpu", dtype=dtype).eval()
+
+
+def read_config(uri: str, *, storage_options: dict[str, Any] | None = None) -> SegGptConfig:
+    """The config of the checkpoint at `uri` (see `load_model`), without reading its weights."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return _read_config(fs, path, uri)
+
+
+def _read_config(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> SegGptConfig:
+    if not fs.exists(path):
+        raise CheckpointError(f"{uri}: no such checkpoint file or folder")
+    folder = path if fs.isdir(path) else posixpath.dirname(path)
+    config_path = posixpath.join(folder, "config.json")
+    if not fs.exists(config_path):
+        if fs.isdir(path):
+            raise CheckpointError(f"{uri}: a model folder needs a config.json")
+        return SegGptConfig()
+    with fs.open(config_path, "r") as f:
+        try:
+            return SegGptConfig.from_dict(json.load(f))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{uri}: bad config.json: {error}") from error
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
