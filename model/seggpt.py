@@ -58,23 +58,29 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, h, w, C = x.shape
-        qkv = self.qkv(x).reshape(B, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+    def forward(self, prompt: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Attend over the whole grid of each row; returns the heads' output before `proj`, (R, h, w, C).
+
+        `prompt` (R, h/2, w, C) is the top half of each row; `inputs` (R/s, h/2, w, C) the bottom half, shared
+        by s consecutive rows, so that its projection is computed once.
+        """
+        shared = prompt.shape[0] // inputs.shape[0]
+        qkv = torch.cat([self.qkv(prompt), self.qkv(inputs).repeat_interleave(shared, dim=0)], dim=1)
+        R, h, w, _ = qkv.shape
+        q, k, v = qkv.reshape(R, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (R, nh, N, hd) each
         bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, N, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, h, w, C))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (R, nh, N, hd)
+        return x.transpose(1, 2).reshape(R, h, w, -1)
 
     def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """bias[(qy, qx), (ky, kx)] = q . R_h[qy - ky] + q . R_w[qx - kx], as (B, nh, N, N)."""
-        B, nh, N, hd = q.shape
+        """bias[(qy, qx), (ky, kx)] = q . R_h[qy - ky] + q . R_w[qx - kx], as (R, nh, N, N)."""
+        R, nh, N, hd = q.shape
         r_h = self.rel_pos_h[_relative_index(h, q.device)].to(q.dtype)  # (h, h, hd)
         r_w = self.rel_pos_w[_relative_index(w, q.device)].to(q.dtype)  # (w, w, hd)
-        q = q.reshape(B, nh, h, w, hd)
-        bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (B, nh, h, w, h)
-        bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (B, nh, h, w, w)
-        return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(B, nh, N, N)
+        q = q.reshape(R, nh, h, w, hd)
+        bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (R, nh, h, w, h)
+        bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (R, nh, h, w, w)
+        return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(R, nh, N, N)
 
 
 def _relative_index(size: int, device: torch.device) -> torch.Tensor:
@@ -95,7 +101,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the input half of the attention output is averaged per prompt group."""
+    """Pre-norm transformer block over rows split into their prompt (top) and input (bottom) halves.
+
+    The input half of the attention output is averaged over each group of `num_prompts` rows (feature
+    ensemble). The input half may be stored once per group (`shared` rows: 1 or `num_prompts`), since after
+    the average everything computed from it is the same in every row of the group.
+    """
 
     def __init__(self, config: SegGptConfig, drop_path: float) -> None:
         super().__init__()
@@ -107,28 +118,41 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, config.mlp_dim, config.hidden_act)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, num_prompts: int) -> torch.Tensor:
-        a = self.attn(self.norm1(x))
+    def forward(
+        self, prompt: torch.Tensor, inputs: torch.Tensor, num_prompts: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, h/2, w, C) prompt halves and (R/shared, h/2, w, C) input halves -> the same, one layer on."""
+        shared = prompt.shape[0] // inputs.shape[0]
+        a = self.attn(self.norm1(prompt), self.norm1(inputs))
+        a_prompt, a_inputs = a.split(prompt.shape[1], dim=1)
         if num_prompts > 1:
-            a = _average_input_half(a, num_prompts)
-        x = x + _drop_path(a, self.drop_path, self.training)
-        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+            R, h, w, C = a_inputs.shape
+            a_inputs = a_inputs.reshape(R // num_prompts, num_prompts, h, w, C).mean(dim=1)
+        a_inputs = self.attn.proj(a_inputs).repeat_interleave(num_prompts // shared, dim=0)
+        keep = _drop_path_scale(prompt, self.drop_path, self.training)  # (R, 1, 1, 1) or None
+        prompt = prompt + _scaled(self.attn.proj(a_prompt), keep)
+        inputs = inputs + _scaled(a_inputs, keep)
+        prompt = prompt + _scaled(self.mlp(self.norm2(prompt)), keep)
+        inputs = inputs + _scaled(self.mlp(self.norm2(inputs)), keep)
+        return prompt, inputs
 
 
-def _average_input_half(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Replace the bottom (input) half of each row by its mean over consecutive groups of `group` rows."""
-    R, h, w, C = x.shape
-    prompt, inputs = x.split(h // 2, dim=1)
-    inputs = inputs.reshape(R // group, group, h // 2, w, C).mean(dim=1, keepdim=True)
-    return torch.cat([prompt, inputs.expand(-1, group, -1, -1, -1).reshape(R, h // 2, w, C)], dim=1)
-
-
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop whole rows with probability `p` while training."""
+def _drop_path_scale(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
+    """Stochastic depth while training: per row, 0 (dropped) or 1 / (1 - p); None when inactive."""
     if p == 0.0 or not training:
-        return x
+        return None
     keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device) >= p
-    return x * keep / (1 - p)
+    return keep / (1 - p)
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x if scale is None else x * scale
+
+
+def _merge_streams(half: torch.Tensor) -> torch.Tensor:
+    """Average the image-pair rows (first half of the batch) with the mask-pair rows (second half)."""
+    n = half.shape[0] // 2
+    return (half[:n] + half[n:]) * 0.5
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -203,10 +227,10 @@ class SegGpt(nn.Module):
         features = self._encode(
             pixel_values, prompt_pixel_values, prompt_masks, num_prompts, embedding_type, bool_masked_pos, labels
         )
-        pred_masks = self._decode(features)
+        pred_masks = self._decode([torch.cat(halves, dim=1) for halves in features])
         loss = None
         if labels is not None:
-            target = torch.cat([prompt_masks, labels], dim=2).to(pred_masks.dtype)
+            target = torch.cat([prompt_masks, labels], dim=2)
             loss = self._loss(pred_masks, target, self._masked_positions(bool_masked_pos, pixel_values.device))
         return SegGptOutput(pred_masks=pred_masks, loss=loss)
 
@@ -222,12 +246,15 @@ class SegGpt(nn.Module):
     ) -> torch.Tensor:
         """The painted input half for each image: (B // num_prompts, 3, H, W).
 
-        Equal to `forward(...).pred_masks[::num_prompts, :, H:]`; the decoder runs on that part alone.
+        Equal to `forward(...).pred_masks[::num_prompts, :, H:]` when the rows of each group share their input
+        image (as they should; the first row's is used). The input half is computed once per group, and the
+        decoder runs on it alone.
         """
-        features = self._encode(pixel_values, prompt_pixel_values, prompt_masks, num_prompts, embedding_type)
-        h = self.config.grid[0] // 2
+        features = self._encode(
+            pixel_values, prompt_pixel_values, prompt_masks, num_prompts, embedding_type, share_inputs=True
+        )
         # One row per group; one patch row of the prompt half stays as context for the 3x3 convolution.
-        features = [f[::num_prompts, h - 1 :] for f in features]
+        features = [torch.cat([prompt[::num_prompts, -1:], inputs], dim=1) for prompt, inputs in features]
         return self._decode(features)[:, :, self.config.patch_size :]
 
     def _encode(
@@ -239,8 +266,12 @@ class SegGpt(nn.Module):
         embedding_type: str,
         bool_masked_pos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        """Layer-normed features of the intermediate layers, each (B, h, w, C)."""
+        share_inputs: bool = False,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Layer-normed features of the intermediate layers: (prompt half (B, h/2, w, C), input half).
+
+        The input half has B rows, or B / num_prompts with `share_inputs` (one per group).
+        """
         B = pixel_values.shape[0]
         self._check_inputs(pixel_values, prompt_pixel_values, prompt_masks, labels, num_prompts, embedding_type)
         dtype = self.pos_embed.dtype
@@ -257,14 +288,17 @@ class SegGpt(nn.Module):
         x = x + self.segment_token_x + pos + type_token
         y = y + self.segment_token_y + pos + type_token
 
-        hidden = torch.cat([x, y], dim=0)  # (2B, h, w, C): image-pair rows, then mask-pair rows
+        # Rows: image-pair stream, then mask-pair stream (2B); each split into its prompt and input halves.
+        prompt, inputs = torch.cat([x, y], dim=0).split(x.shape[1] // 2, dim=1)
+        if share_inputs:
+            inputs = inputs[::num_prompts]
         features = []
         for i, block in enumerate(self.blocks):
-            hidden = block(hidden, num_prompts)
+            prompt, inputs = block(prompt, inputs, num_prompts)
             if i == self.config.merge_index:
-                hidden = (hidden[:B] + hidden[B:]) * 0.5  # (B, h, w, C)
+                prompt, inputs = (_merge_streams(half) for half in (prompt, inputs))
             if i in self.config.intermediate_hidden_state_indices:
-                features.append(self.norm(hidden))
+                features.append((self.norm(prompt), self.norm(inputs)))
         return features
 
     def _decode(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -295,12 +329,13 @@ class SegGpt(nn.Module):
         return table.permute(0, 2, 3, 1)
 
     def _loss(self, pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Smooth-L1 over the pixels of masked patches."""
+        """Smooth-L1 over the pixels of masked patches, in float32."""
         rows, cols = self.config.grid
         p = self.config.patch_size
-        weight = masked.reshape(-1, 1, rows, cols).expand(pred.shape[0], -1, -1, -1).to(pred.dtype)
+        weight = masked.reshape(-1, 1, rows, cols).expand(pred.shape[0], -1, -1, -1).float()
         weight = weight.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)  # (B, 1, 2H, W)
-        loss = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.beta)
+        # In float32: a half-precision sum over a whole batch of pixels overflows.
+        loss = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=self.config.beta)
         return (loss * weight).sum() / (weight.sum() * pred.shape[1])
 
     def _check_inputs(
