@@ -1,0 +1,278 @@
+"""The auto-labelling job's configuration: one YAML file, validated before any Ray work starts.
+
+`load_config` reads a YAML file (or takes an already-parsed dict), applies `--set section.key=value`
+overrides and checks every key and type. Every problem is a `ConfigError` whose message starts with
+the dotted key, e.g. ``compute.batch_size: expected int, got 'x'`` or ``input.fromat: unknown key``.
+`auto` values (`model.dtype`, `compute.gpus_per_actor`) are kept as given: they are resolved later,
+against the cluster the job runs on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+_REQUIRED: Any = object()
+_SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
+
+
+class ConfigError(ValueError):
+    """A bad job configuration; the message names the dotted key at fault."""
+
+
+# --- value checks: each takes (dotted key, raw value) and returns the stored value ---------------
+
+
+def _describe(value: Any) -> str:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    return type(value).__name__
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _string_or_list(key: str, value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{key}: expected a string or a non-empty list of strings, got []")
+        return tuple(_string(f"{key}[{i}]", item) for i, item in enumerate(value))
+    return _string(key, value)
+
+
+def _class_names(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of class names, got {_describe(value)}")
+    names = tuple(_string(f"{key}[{i}]", item) for i, item in enumerate(value))
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"{key}: duplicate class names {duplicates}")
+    return names
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+    if value < 0:
+        raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected int, got {_describe(value)}")
+    if value <= 0:
+        raise ConfigError(f"{key}: expected an int > 0, got {value!r}")
+    return value
+
+
+def _actor_range(key: str, value: Any) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(f"{key}: expected [min, max], got {_describe(value)}")
+    low, high = (_positive_int(f"{key}[{i}]", item) for i, item in enumerate(value))
+    if low > high:
+        raise ConfigError(f"{key}: min {low} is greater than max {high}")
+    return low, high
+
+
+def _gpus(key: str, value: Any) -> str | float:
+    return "auto" if value == "auto" else _number(key, value)
+
+
+def _mapping(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+    return copy.deepcopy(value)
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in options:
+            raise ConfigError(f"{key}: expected one of {' | '.join(options)}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _option(check: Callable[[str, Any], Any], default: Any = _REQUIRED) -> Any:
+    """A dataclass field validated by `check`; without a default the key is required."""
+    if default is _REQUIRED:
+        return field(metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    uri: str | tuple[str, ...] = _option(_string_or_list)
+    format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
+    image_column: str = _option(_string, "image")
+    exif_transpose: bool = _option(_boolean, True)  # turn images as their EXIF orientation says
+
+    @property
+    def uris(self) -> tuple[str, ...]:
+        """`uri` as a tuple, whether one URI or a list was given."""
+        return (self.uri,) if isinstance(self.uri, str) else self.uri
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    uri: str = _option(_string)
+    classes: tuple[str, ...] = _option(_class_names)
+    mask_format: str = _option(_choice("labels", "rgb"), "labels")
+    embedding: str = _option(_choice("semantic", "instance"), "semantic")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    checkpoint: str = _option(_string)
+    dtype: str = _option(_choice("auto", "float32", "bfloat16", "float16"), "auto")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = _option(_string)
+    png: bool = _option(_boolean, True)
+    resume: bool = _option(_boolean, True)
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    batch_size: int = _option(_positive_int, 8)
+    actors: tuple[int, int] = _option(_actor_range, (1, 1))
+    gpus_per_actor: str | float = _option(_gpus, "auto")
+    cpus_per_actor: float = _option(_number, 1.0)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: InputConfig
+    prompts: PromptsConfig
+    model: ModelConfig
+    output: OutputConfig
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
+        data = _plain(dataclasses.asdict(self))
+        if redact:
+            data["storage_options"] = _redact(data["storage_options"])
+        return data
+
+
+_SECTIONS: dict[str, type] = {
+    "input": InputConfig,
+    "prompts": PromptsConfig,
+    "model": ModelConfig,
+    "output": OutputConfig,
+    "compute": ComputeConfig,
+}
+_OPTIONAL_SECTIONS = {"compute", "storage_options"}
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML file (or take a dict), apply `section.key=value` overrides and validate it all."""
+    raw = _read_yaml(source) if isinstance(source, (str, os.PathLike)) else copy.deepcopy(dict(source))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {_describe(raw)}")
+    for override in overrides:
+        _apply_override(raw, override)
+    for name in raw:
+        if name not in _SECTIONS and name != "storage_options":
+            raise ConfigError(f"{name}: unknown section")
+    sections = {name: _section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    storage_options = raw.get("storage_options")
+    storage_options = {} if storage_options is None else _mapping("storage_options", storage_options)
+    return JobConfig(**sections, storage_options=storage_options)
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return yaml.safe_load(file) or {}
+    except OSError as error:
+        raise ConfigError(f"{os.fspath(path)}: cannot read config ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{os.fspath(path)}: not valid YAML ({error})") from None
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        if name in _OPTIONAL_SECTIONS:
+            return cls()
+        raise ConfigError(f"{name}: missing required section")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {_describe(raw)}")
+    known = {spec.name: spec for spec in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key")
+    values = {}
+    for key, spec in known.items():
+        if key in raw:
+            values[key] = spec.metadata["check"](f"{name}.{key}", raw[key])
+        elif spec.default is dataclasses.MISSING:
+            raise ConfigError(f"{name}.{key}: missing required key")
+    return cls(**values)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` (value parsed as YAML) in the raw config; storage_options may nest."""
+    dotted, sep, text = override.partition("=")
+    path = dotted.strip().split(".")
+    if not sep or len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {override}: expected section.key=value")
+    section, key = path[0], path[1]
+    if section != "storage_options":
+        if section not in _SECTIONS:
+            raise ConfigError(f"{section}: unknown section (in --set {override})")
+        if len(path) > 2 or key not in {spec.name for spec in dataclasses.fields(_SECTIONS[section])}:
+            raise ConfigError(f"{dotted.strip()}: unknown key (in --set {override})")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{dotted.strip()}: value is not valid YAML ({error})") from None
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: expected a mapping, got {_describe(child)}")
+        node = child
+    node[path[-1]] = value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: "***" if any(marker in str(key).lower() for marker in _SECRET_MARKERS) else _redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(item) for item in value]
+    return value

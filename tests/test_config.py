@@ -1,0 +1,175 @@
+"""Job config: defaults, errors that name their key, --set overrides, redaction."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, JobConfig, load_config
+
+MINIMAL = {
+    "input": {"uri": "s3://data/images/"},
+    "prompts": {"uri": "s3://data/prompts/", "classes": ["road", "car"]},
+    "model": {"checkpoint": "s3://models/seggpt"},
+    "output": {"uri": "s3://data/labels-out"},
+}
+
+
+def with_change(dotted: str, value: object) -> dict:
+    """MINIMAL with one key set (or removed, for value `...`)."""
+    config = copy.deepcopy(MINIMAL)
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return config
+
+
+def test_defaults_from_a_yaml_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    config = load_config(path)
+    assert isinstance(config, JobConfig)
+    assert config.input.uri == "s3://data/images/" and config.input.uris == ("s3://data/images/",)
+    assert (config.input.format, config.input.image_column) == ("auto", "image")
+    assert config.input.exif_transpose is True
+    assert config.prompts.classes == ("road", "car")
+    assert (config.prompts.mask_format, config.prompts.embedding) == ("labels", "semantic")
+    assert config.model.dtype == "auto"
+    assert (config.output.png, config.output.resume) == (True, True)
+    assert config.compute.batch_size == 8
+    assert config.compute.actors == (1, 1)
+    assert config.compute.gpus_per_actor == "auto"
+    assert config.compute.cpus_per_actor == 1.0
+    assert config.storage_options == {}
+
+
+def test_full_config_keeps_every_value():
+    config = load_config(
+        {
+            **MINIMAL,
+            "input": {
+                "uri": ["a/", "b/*.jpg"],
+                "format": "parquet",
+                "image_column": "img",
+                "exif_transpose": False,
+            },
+            "model": {"checkpoint": "ckpt", "dtype": "bfloat16"},
+            "output": {"uri": "out", "png": False, "resume": False},
+            "compute": {"batch_size": 4, "actors": [1, 3], "gpus_per_actor": 0.5, "cpus_per_actor": 2},
+            "storage_options": {"anon": True},
+        }
+    )
+    assert config.input.uris == ("a/", "b/*.jpg") and config.input.exif_transpose is False
+    assert config.compute.actors == (1, 3) and config.compute.gpus_per_actor == 0.5
+    assert config.output.png is False and config.storage_options == {"anon": True}
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("compute.batch_size", "x", "compute.batch_size: expected int, got 'x'"),
+        ("compute.batch_size", 0, "compute.batch_size: expected an int > 0"),
+        ("compute.batch_size", True, "compute.batch_size: expected int, got True"),
+        ("compute.actors", [2, 1], "compute.actors: min 2 is greater than max 1"),
+        ("compute.actors", [0, 1], "compute.actors[0]: expected an int > 0"),
+        ("compute.actors", 2, "compute.actors: expected [min, max], got 2"),
+        ("compute.gpus_per_actor", -1, "compute.gpus_per_actor: expected a number >= 0"),
+        ("compute.gpus_per_actor", "all", "compute.gpus_per_actor: expected a number, got 'all'"),
+        ("compute.cpus_per_actor", "1", "compute.cpus_per_actor: expected a number, got '1'"),
+        ("input.fromat", "images", "input.fromat: unknown key"),
+        ("input.format", "tar", "input.format: expected one of auto | images | webdataset | parquet, got"),
+        ("input.uri", ["a", 3], "input.uri[1]: expected a non-empty string, got 3"),
+        ("input.uri", ..., "input.uri: missing required key"),
+        ("prompts.classes", [], "prompts.classes: expected a non-empty list of class names"),
+        ("prompts.classes", ["a", "a"], "prompts.classes: duplicate class names ['a']"),
+        ("prompts.mask_format", "png", "prompts.mask_format: expected one of labels | rgb"),
+        ("model.dtype", "fp8", "model.dtype: expected one of auto | float32 | bfloat16 | float16"),
+        ("model.checkpoint", ..., "model.checkpoint: missing required key"),
+        ("output.png", "yes", "output.png: expected true or false, got 'yes'"),
+        ("output", ..., "output: missing required section"),
+        ("output", ["x"], "output: expected a mapping, got list"),
+        ("storage_options", "anon", "storage_options: expected a mapping, got 'anon'"),
+        ("extra", {}, "extra: unknown section"),
+    ],
+)
+def test_errors_name_their_key(dotted, value, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(with_change(dotted, value))
+    assert str(caught.value).startswith(message)
+
+
+def test_unreadable_or_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(
+        MINIMAL,
+        [
+            "compute.actors=[1,2]",
+            "compute.batch_size=16",
+            "output.png=false",
+            "input.uri=s3://other/*.png",
+            "storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
+    assert config.compute.actors == (1, 2) and config.compute.batch_size == 16
+    assert config.output.png is False and config.input.uri == "s3://other/*.png"
+    assert config.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert MINIMAL["input"]["uri"] == "s3://data/images/"  # the source dict is not modified
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compute.actorz=[1,2]", "compute.actorz: unknown key"),
+        ("computer.actors=[1,2]", "computer: unknown section"),
+        ("compute.actors.min=1", "compute.actors.min: unknown key"),
+        ("compute.batch_size", "--set compute.batch_size: expected section.key=value"),
+        ("batch_size=3", "--set batch_size=3: expected section.key=value"),
+        ("compute.batch_size=x", "compute.batch_size: expected int, got 'x'"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(MINIMAL, [override])
+    assert str(caught.value).startswith(message)
+
+
+def test_to_dict_redacts_secrets_recursively():
+    options = {
+        "key": "AKIA",
+        "secret": "s3cr3t",
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://minio:9000", "aws_session_token": "tok"},
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+        "credentials": {"user": "x"},
+        "Password": "pw",
+    }
+    config = load_config({**MINIMAL, "storage_options": options})
+    data = config.to_dict()
+    assert data["storage_options"] == {
+        "key": "***",
+        "secret": "***",
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://minio:9000", "aws_session_token": "***"},
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+        "credentials": "***",
+        "Password": "***",
+    }
+    assert data["compute"]["actors"] == [1, 1] and data["prompts"]["classes"] == ["road", "car"]
+    assert config.storage_options["secret"] == "s3cr3t"
+    assert config.to_dict(redact=False)["storage_options"]["client_kwargs"]["aws_session_token"] == "tok"
+    assert load_config(config.to_dict(redact=False)) == config  # round trip
