@@ -151,6 +151,7 @@ class OutputConfig:
     uri: str = _option(_string)
     png: bool = _option(_boolean, True)
     resume: bool = _option(_boolean, True)
+    rows_per_file: int = _option(_positive_int, 256)  # rows of one labels/ Parquet file; also resume's step
 
 
 @dataclass(frozen=True)

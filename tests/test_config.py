@@ -42,7 +42,7 @@ def test_defaults_from_a_yaml_file(tmp_path):
     assert config.prompts.classes == ("road", "car")
     assert (config.prompts.mask_format, config.prompts.embedding) == ("labels", "semantic")
     assert config.model.dtype == "auto"
-    assert (config.output.png, config.output.resume) == (True, True)
+    assert (config.output.png, config.output.resume, config.output.rows_per_file) == (True, True, 256)
     assert config.compute.batch_size == 8
     assert config.compute.actors == (1, 1)
     assert config.compute.gpus_per_actor == "auto"

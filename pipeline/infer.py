@@ -1,0 +1,65 @@
+"""Inference (an actor pool): each actor loads the model and the encoded prompt set once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from model import load_model
+from model.processing import masks_to_class_ids, normalize
+from pipeline.prompts import PromptSet
+
+
+class SegGptPredictor:
+    """`map_batches` callable class. Adds `class_map` (model resolution) and `score`, drops `pixels`.
+
+    Every image runs with all K prompts of the set as one feature-ensembled group, so a batch of n images is
+    n * K model rows. `score` is the mean per-pixel confidence (see `masks_to_class_ids`); NaN on error rows.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        prompts: ray.ObjectRef,
+        *,
+        dtype: str,
+        storage_options: dict[str, Any],
+    ) -> None:
+        prompt_set: PromptSet = ray.get(prompts)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options)
+        self.dtype = self.model.pos_embed.dtype
+        self.prompt_images = normalize(torch.from_numpy(prompt_set.images).to(self.device), self.dtype)
+        self.prompt_masks = normalize(torch.from_numpy(prompt_set.masks).to(self.device), self.dtype)
+        self.palette = torch.from_numpy(prompt_set.palette).to(self.device)
+        self.embedding = prompt_set.embedding
+        self.num_prompts = len(prompt_set.names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = np.flatnonzero(batch["status"] == "ok")
+        class_dtype = np.uint8 if len(self.palette) <= 256 else np.int32
+        class_map = np.zeros(pixels.shape[:3], dtype=class_dtype)
+        score = np.full(len(pixels), np.nan, dtype=np.float32)
+        if len(ok):
+            class_map[ok], score[ok] = self._label(torch.from_numpy(pixels[ok]))
+        batch["class_map"] = class_map
+        batch["score"] = score
+        return batch
+
+    @torch.inference_mode()
+    def _label(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        n, k = len(pixels), self.num_prompts
+        images = normalize(pixels.to(self.device, non_blocking=True), self.dtype).repeat_interleave(k, dim=0)
+        pred = self.model.predict(
+            images,
+            self.prompt_images.repeat(n, 1, 1, 1),
+            self.prompt_masks.repeat(n, 1, 1, 1),
+            num_prompts=k,
+            embedding_type=self.embedding,
+        )
+        ids, confidence = masks_to_class_ids(pred, self.palette)
+        return ids.cpu().numpy(), confidence.mean(dim=(1, 2)).cpu().numpy()

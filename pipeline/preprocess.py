@@ -1,0 +1,60 @@
+"""Preprocess (stateless CPU tasks): encoded bytes -> uint8 pixels at the model's input size, or an error row."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from model.processing import prepare_image
+
+
+def preprocess(batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_transpose: bool) -> dict[str, Any]:
+    """`map_batches` function (numpy batches): adds `status`, `error`, `width`, `height`, `pixels`; drops `bytes`.
+
+    `width`/`height` are those of the image as shown (after EXIF orientation when `exif_transpose`).
+    A row that cannot be decoded gets status "error", a readable message, and zero pixels.
+    """
+    n = len(batch["key"])
+    pixels = np.zeros((n, *size, 3), dtype=np.uint8)
+    status = np.full(n, "ok", dtype=object)
+    errors = np.array(batch["error"], dtype=object)
+    width = np.zeros(n, dtype=np.int64)
+    height = np.zeros(n, dtype=np.int64)
+    for i, (key, data) in enumerate(zip(batch["key"], batch["bytes"])):
+        if errors[i] is None:
+            try:
+                pixels[i], width[i], height[i] = _decode(data, key, size, exif_transpose)
+            except Exception as error:  # a bad image must never stop the job
+                errors[i] = _describe(error)
+        if errors[i] is not None:
+            status[i] = "error"
+    return {
+        "key": batch["key"],
+        "source": batch["source"],
+        "status": status,
+        "error": errors,
+        "width": width,
+        "height": height,
+        "pixels": pixels,
+    }
+
+
+def _decode(data: bytes | None, key: str, size: tuple[int, int], exif_transpose: bool) -> tuple[np.ndarray, int, int]:
+    if not data:
+        raise ValueError("empty file")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        return prepare_image(image, size, exif_transpose=False, name=key), image.width, image.height
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image: cannot identify the image format"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"image too large: {error}"
+    return f"cannot decode image: {type(error).__name__}: {error}"
