@@ -1,7 +1,7 @@
 """SegGPT in plain PyTorch: the network, its config, checkpoint loading, and pre/post-processing."""
 
+from model.checkpoint import CheckpointError, check_checkpoint, hf_to_native, load_model
 from model.config import SegGptConfig
-from model.checkpoint import CheckpointError, hf_to_native, load_model, read_config
 from model.seggpt import SegGpt, SegGptOutput
 
-__all__ = ["CheckpointError", "SegGpt", "SegGptConfig", "SegGptOutput", "hf_to_native", "load_model", "read_config"]
+__all__ = ["CheckpointError", "SegGpt", "SegGptConfig", "SegGptOutput", "check_checkpoint", "hf_to_native", "load_model"]

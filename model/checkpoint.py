@@ -82,23 +82,36 @@ def load_model(
     config from a `config.json` beside it, or else ViT-L defaults.
     """
     dtype = _resolve_dtype(dtype)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    config = _read_config(fs, path, uri)
-    state_dict = _read_folder(fs, path, uri) if fs.isdir(path) else _read_file(fs, path, uri)
-    if any(key.removeprefix("model.").startswith(_HF_MARKERS) for key in state_dict):
-        state_dict = hf_to_native(state_dict)
-
-    with torch.device("meta"):
-        model = SegGpt(config)
-    _check_state_dict(model, state_dict, uri)
+    model, state_dict = _read_checkpoint(uri, storage_options, header_only=False)
     model.load_state_dict(state_dict, assign=True)
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def read_config(uri: str, *, storage_options: dict[str, Any] | None = None) -> SegGptConfig:
-    """The config of the checkpoint at `uri` (see `load_model`), without reading its weights."""
+def check_checkpoint(uri: str, *, storage_options: dict[str, Any] | None = None) -> SegGptConfig:
+    """Check that the weights at `uri` fit its config, by name and shape; returns the config.
+
+    Safetensors files are checked from their headers alone; pickled files have to be read whole.
+    """
+    model, _ = _read_checkpoint(uri, storage_options, header_only=True)
+    return model.config
+
+
+def _read_checkpoint(
+    uri: str, storage_options: dict[str, Any] | None, header_only: bool
+) -> tuple[SegGpt, dict[str, torch.Tensor]]:
+    """A model on the meta device and the checked state dict (meta tensors with `header_only`)."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return _read_config(fs, path, uri)
+    config = _read_config(fs, path, uri)
+    if fs.isdir(path):
+        state_dict = _read_folder(fs, path, uri, header_only)
+    else:
+        state_dict = _read_file(fs, path, uri, header_only)
+    if any(key.removeprefix("model.").startswith(_HF_MARKERS) for key in state_dict):
+        state_dict = hf_to_native(state_dict)
+    with torch.device("meta"):
+        model = SegGpt(config)
+    _check_state_dict(model, state_dict, uri)
+    return model, state_dict
 
 
 def _read_config(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> SegGptConfig:
@@ -129,19 +142,25 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def _read_folder(fs: fsspec.AbstractFileSystem, folder: str, uri: str) -> dict[str, torch.Tensor]:
+def _read_folder(fs: fsspec.AbstractFileSystem, folder: str, uri: str, header_only: bool) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if fs.exists(posixpath.join(folder, name)):
-            return _read_file(fs, posixpath.join(folder, name), uri)
+            return _read_file(fs, posixpath.join(folder, name), uri, header_only)
     index_path = posixpath.join(folder, "model.safetensors.index.json")
     if fs.exists(index_path):
         with fs.open(index_path, "r") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in _read_file(fs, posixpath.join(folder, shard), uri).items()}
+        return {
+            key: value
+            for shard in shards
+            for key, value in _read_file(fs, posixpath.join(folder, shard), uri, header_only).items()
+        }
     raise CheckpointError(f"{uri}: found no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _read_file(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, torch.Tensor]:
+def _read_file(fs: fsspec.AbstractFileSystem, path: str, uri: str, header_only: bool) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors") and header_only:
+        return _safetensors_shapes(fs, path, uri)
     with fs.open(path, "rb") as f:
         data = f.read()
     if path.endswith(".safetensors"):
@@ -158,6 +177,17 @@ def _read_file(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, 
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{uri}: {path} holds no state dict of tensors")
     return loaded
+
+
+def _safetensors_shapes(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shapes a safetensors header declares; no tensor data is read."""
+    try:
+        with fs.open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        return {k: torch.empty(v["shape"], device="meta") for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{uri}: {path} is not a safetensors file: {error}") from error
 
 
 def _check_state_dict(model: SegGpt, state_dict: dict[str, torch.Tensor], uri: str) -> None:

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from model import SegGptConfig, read_config
+from model import SegGptConfig, check_checkpoint
 from pipeline.config import JobConfig, load_config
 from pipeline.infer import SegGptPredictor
 from pipeline.postprocess import postprocess
@@ -62,11 +62,11 @@ class Summary:
 
 
 def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> Plan:
-    """Validate the config, read and check the prompt set and the checkpoint's config. No Ray work."""
+    """Validate the config, the checkpoint (names and shapes of its weights) and the prompt set. No Ray work."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
     options = config.storage_options
-    model_config = read_config(config.model.checkpoint, storage_options=options)
+    model_config = check_checkpoint(config.model.checkpoint, storage_options=options)
     prompts = load_prompt_set(
         config.prompts.uri,
         classes=config.prompts.classes,
@@ -150,7 +150,7 @@ def autolabel(
 
 
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check config, prompt set and checkpoint (all weights) and count the inputs, without labelling."""
+    """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
     from model import load_model
 
     job = plan(config, overrides)

@@ -64,8 +64,7 @@ def load_prompt_set(
     names, images, masks = [], [], []
     for name, image_path, mask_path in pairs:
         image_bytes, mask_bytes = _read(fs, image_path), _read(fs, mask_path)
-        digest.update(image_bytes)
-        digest.update(mask_bytes)
+        digest.update(hashlib.sha256(image_bytes).digest() + hashlib.sha256(mask_bytes).digest())
         image = _open(image_bytes, image_path)
         image = ImageOps.exif_transpose(image)
         mask = _open(mask_bytes, mask_path)
@@ -126,7 +125,7 @@ def _manifest_pairs(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"image", "mask"}:
             raise PromptSetError(f"{uri}: entry {i} must have exactly the keys 'image' and 'mask', got {entry!r}")
-        image, mask = (posixpath.join(folder, str(entry[k])) for k in ("image", "mask"))
+        image, mask = (posixpath.normpath(posixpath.join(folder, str(entry[k]))) for k in ("image", "mask"))
         pairs.append((posixpath.splitext(str(entry["image"]))[0], image, mask))
     return pairs
 

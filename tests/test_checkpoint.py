@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from model import CheckpointError, SegGptConfig, load_model
+from model import CheckpointError, SegGptConfig, check_checkpoint, load_model
 
 TINY = dict(
     hidden_size=32,
@@ -215,3 +215,14 @@ def test_config_reads_hf_json_and_names_bad_keys(hf_folder):
         SegGptConfig.from_dict({"qkv_bias": 1})
     with pytest.raises(ValueError, match="intermediate_hidden_state_indices"):
         SegGptConfig.from_dict({"merge_index": 6})
+
+
+def test_check_checkpoint_reads_safetensors_headers_only(hf_folder, tmp_path):
+    assert check_checkpoint(hf_folder).hidden_size == 32
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "hidden_size": 64, "num_attention_heads": 4}))
+    data = open(os.path.join(hf_folder, "model.safetensors"), "rb").read()
+    size = int.from_bytes(data[:8], "little")
+    (tmp_path / "model.safetensors").write_bytes(data[: 8 + size])  # the header alone: no tensor data
+    with pytest.raises(CheckpointError, match=r"mis-shaped \(\d+\): .*pos_embed: checkpoint \(1, 10, 32\), "
+                                              r"model \(1, 10, 64\)"):
+        check_checkpoint(str(tmp_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -173,3 +174,9 @@ def test_to_dict_redacts_secrets_recursively():
     assert config.storage_options["secret"] == "s3cr3t"
     assert config.to_dict(redact=False)["storage_options"]["client_kwargs"]["aws_session_token"] == "tok"
     assert load_config(config.to_dict(redact=False)) == config  # round trip
+
+
+def test_example_config_of_the_docs_is_valid():
+    example = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "example.yaml"
+    config = load_config(example)
+    assert config.compute.actors == (1, 4) and config.prompts.classes == ("car", "truck", "bicycle")

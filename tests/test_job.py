@@ -260,6 +260,11 @@ def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     picture(0, (48, 40)).save(bad_prompts / "p.jpg")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad_prompts / "p.png")
     cases["mask size"] = ({**good, "prompts": {"uri": str(bad_prompts), "classes": CLASSES}}, "p.png")
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    (mismatched / "model.safetensors").write_bytes((assets / "checkpoint" / "model.safetensors").read_bytes())
+    (mismatched / "config.json").write_text(json.dumps({**TINY, "hidden_size": 64}))
+    cases["checkpoint"] = ({**good, "model": {"checkpoint": str(mismatched)}}, "mis-shaped")
     for name, (config, expected) in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
