@@ -65,7 +65,7 @@ class Attention(nn.Module):
         by s consecutive rows, so that its projection is computed once.
         """
         shared = prompt.shape[0] // inputs.shape[0]
-        qkv = torch.cat([self.qkv(prompt), self.qkv(inputs).repeat_interleave(shared, dim=0)], dim=1)
+        qkv = torch.cat([self.qkv(prompt), _repeat_rows(self.qkv(inputs), shared)], dim=1)
         R, h, w, _ = qkv.shape
         q, k, v = qkv.reshape(R, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (R, nh, N, hd) each
         bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
@@ -128,13 +128,18 @@ class Block(nn.Module):
         if num_prompts > 1:
             R, h, w, C = a_inputs.shape
             a_inputs = a_inputs.reshape(R // num_prompts, num_prompts, h, w, C).mean(dim=1)
-        a_inputs = self.attn.proj(a_inputs).repeat_interleave(num_prompts // shared, dim=0)
+        a_inputs = _repeat_rows(self.attn.proj(a_inputs), num_prompts // shared)
         keep = _drop_path_scale(prompt, self.drop_path, self.training)  # (R, 1, 1, 1) or None
         prompt = prompt + _scaled(self.attn.proj(a_prompt), keep)
         inputs = inputs + _scaled(a_inputs, keep)
         prompt = prompt + _scaled(self.mlp(self.norm2(prompt)), keep)
         inputs = inputs + _scaled(self.mlp(self.norm2(inputs)), keep)
         return prompt, inputs
+
+
+def _repeat_rows(x: torch.Tensor, times: int) -> torch.Tensor:
+    """Each row `times` times in a row (no copy when once)."""
+    return x if times == 1 else x.repeat_interleave(times, dim=0)
 
 
 def _drop_path_scale(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
@@ -272,7 +277,6 @@ class SegGpt(nn.Module):
 
         The input half has B rows, or B / num_prompts with `share_inputs` (one per group).
         """
-        B = pixel_values.shape[0]
         self._check_inputs(pixel_values, prompt_pixel_values, prompt_masks, labels, num_prompts, embedding_type)
         dtype = self.pos_embed.dtype
         images = torch.cat([prompt_pixel_values, pixel_values], dim=2).to(dtype)  # (B, 3, 2H, W)

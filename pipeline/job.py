@@ -161,7 +161,7 @@ def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, 
 
 def _init_ray() -> None:
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, configure_logging=False)
+        ray.init(log_to_driver=False, configure_logging=False)  # RAY_ADDRESS, a running cluster, or a new one
 
 
 def _resolve_compute(config: JobConfig) -> tuple[float, str]:

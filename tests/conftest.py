@@ -45,6 +45,7 @@ def ray_session():
     """Local Ray, started once for the whole test session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # address="local": a Ray of its own, never a cluster that something else started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -204,23 +204,29 @@ def test_bad_files_become_error_rows(assets, tmp_path, ray_session, capsys):
     assert "4 error" in capsys.readouterr().out
 
 
-def test_resume_after_killed_driver(tmp_path):
-    # Loose files are read 64 to a block, and a block flows through the stages whole: three blocks, and a model
-    # slow enough that the driver can be killed after the first is written.
+def long_job(tmp_path: Path, count: int = 130) -> dict:
+    """A job that can be interrupted part-way: loose files are read 64 to a block and a block flows through the
+    stages whole, so three blocks, small labels files, and a model slow enough that the first file is written well
+    before the last image is labelled."""
     assets = make_assets(tmp_path, {**TINY, "image_size": [256, 128], "patch_size": 16})
     data = tmp_path / "data"
     data.mkdir()
-    count = 130
     for i in range(count):
         (data / f"{i:03d}.jpg").write_bytes(encoded(picture(i, (20 + i % 7, 16))))
-    output = tmp_path / "out"
-    config = job_config(assets, str(data), str(output), {})
-    config["compute"]["batch_size"] = 1
+    config = job_config(assets, str(data), str(tmp_path / "out"), {})
+    config["compute"].update(batch_size=1, cpus_per_actor=0.5)
     config["output"]["rows_per_file"] = 2
+    return config
+
+
+def test_resume_after_killed_driver(tmp_path):
+    count = 130
+    config = long_job(tmp_path, count)
+    output = tmp_path / "out"
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "jobs.autolabel", "run", str(config_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
 
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -244,7 +250,7 @@ def test_resume_after_killed_driver(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}  # not the test session's Ray
     return subprocess.run([sys.executable, "-m", "jobs.autolabel", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -291,7 +297,8 @@ def test_dry_run_counts_inputs(assets, tmp_path):
 
 def test_demo_command_of_the_readme(tmp_path):
     """`seggpt-autolabel demo`, run as the README says, from a folder that is not the checkout."""
-    result = subprocess.run(["seggpt-autolabel", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["seggpt-autolabel", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": "local"})
     assert result.returncode == 0, result.stderr
     output = tmp_path / "seggpt-demo-output"
     table = read_labels(str(output), {})
