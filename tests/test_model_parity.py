@@ -116,6 +116,20 @@ def test_labels_and_masked_pos_match_reference(name: str, embedding_type: str):
     torch.testing.assert_close(out.loss, expected.loss, rtol=LOSS_RTOL, atol=0)
 
 
+@torch.no_grad()
+def test_one_shared_masked_pos_gives_the_mean_over_rows():
+    """README: with one (1, num_patches) mask for several rows the reference's loss is batch_size times ours."""
+    ref, ours = _pair("h48_d4_m1_p16_96x64")
+    x = make_inputs(ref.config, num_images=3, seed=3, labels=True)
+    shared = random_bool_masked_pos(ref.config, batch=1, seed=3)
+    expected = ref(**x, bool_masked_pos=shared, feature_ensemble=False)
+    out = ours(**x, bool_masked_pos=shared)
+    per_row = ours(**x, bool_masked_pos=shared.expand(3, -1))
+    assert _maxdiff(out.pred_masks, expected.pred_masks) <= ATOL
+    torch.testing.assert_close(out.loss, per_row.loss)
+    torch.testing.assert_close(out.loss * 3, expected.loss, rtol=LOSS_RTOL, atol=0)
+
+
 def test_weights_all_matter():
     """The random init is not degenerate: changing the semantic/instance token or a relative position changes
     the output (so the parity tests above exercise them)."""
