@@ -80,7 +80,9 @@ class Attention(nn.Module):
         q = q.reshape(R, nh, h, w, hd)
         bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (R, nh, h, w, h)
         bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (R, nh, h, w, w)
-        return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(R, nh, N, N)
+        bias = q.new_empty(R, nh, h, w, h, w)  # contiguous, so that the reshape below is free
+        torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias)
+        return bias.reshape(R, nh, N, N)
 
 
 def _relative_index(size: int, device: torch.device) -> torch.Tensor:

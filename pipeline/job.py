@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from model import SegGptConfig, check_checkpoint
+from model import SegGptConfig, check_checkpoint, load_model
 from pipeline.config import JobConfig, load_config
 from pipeline.infer import SegGptPredictor
 from pipeline.postprocess import postprocess
@@ -151,8 +151,6 @@ def autolabel(
 
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
-    from model import load_model
-
     job = plan(config, overrides)
     load_model(job.config.model.checkpoint, storage_options=job.config.storage_options)
     counted = count_inputs(job.config.input, job.config.storage_options)
