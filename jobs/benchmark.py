@@ -111,6 +111,8 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
         }
         summary = autolabel(job, log=lambda line: None)
 
+        if args.device == "cpu":
+            torch.set_num_threads(max(1, int(args.cpus_per_actor)))  # as Ray gives the actor (OMP_NUM_THREADS)
         model = load_model(str(root / "checkpoint"), dtype=args.dtype, device=args.device)
         k, dtype = args.prompts, DTYPES[args.dtype]
         pixels = torch.randint(0, 256, (args.batch * k, 448, 448, 3), dtype=torch.uint8, device=args.device)
