@@ -29,7 +29,6 @@ from pipeline.read import count_inputs, read_inputs
 from pipeline.write import LabelWriter, clean_labels, prepare_output, write_job_files
 
 _CPU_STAGE_CPUS = 0.25  # preprocess, postprocess and write tasks: light, so that they never starve the model
-_PROGRESS_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,8 +115,12 @@ def autolabel(
     overrides: tuple[str, ...] = (),
     *,
     log: Callable[[str], None] = print,
+    progress_every_s: float = 30.0,
 ) -> Summary:
-    """Run the whole job and return its summary. Starts a local Ray unless one is running or reachable."""
+    """Run the whole job and return its summary. Starts a local Ray unless one is running or reachable.
+
+    Off a terminal (scheduled runs), `log` gets a progress line every `progress_every_s` seconds.
+    """
     job = plan(config, overrides)
     config, options = job.config, job.config.storage_options
     started = datetime.now(timezone.utc)
@@ -140,7 +143,7 @@ def autolabel(
         summary.ok += ok
         summary.error += batch.num_rows - ok
         summary.seconds = time.monotonic() - start
-        if not sys.stderr.isatty() and time.monotonic() - last_report >= _PROGRESS_EVERY_S:
+        if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
             last_report = time.monotonic()
             log(f"progress: {summary}")
     summary.seconds = time.monotonic() - start

@@ -145,9 +145,11 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     config = job_config(assets, f"{bucket}/data", f"{bucket}/out", storage_options)
     config["model"]["checkpoint"] = f"{bucket}/model"
 
-    summary = autolabel(config)
+    lines: list[str] = []
+    summary = autolabel(config, log=lines.append, progress_every_s=0)
 
     assert (summary.ok, summary.error) == (len(keys), 0)
+    assert lines and all(line.startswith("progress: labelled") for line in lines)  # plain lines off a terminal
     table = read_labels(f"{bucket}/out", storage_options)
     assert sorted(table["key"].to_pylist()) == sorted(keys)
     for row in table.to_pylist():
