@@ -16,11 +16,12 @@ from pathlib import Path
 from model import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.job import autolabel, dry_run
+from pipeline.lease import OutputError
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
 
 DEMO = Path(__file__).parent / "demo"
-_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, FileNotFoundError)
+_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, FileNotFoundError)
 
 
 def demo_config(output: str) -> dict:

@@ -152,6 +152,8 @@ class OutputConfig:
     png: bool = _option(_boolean, True)
     resume: bool = _option(_boolean, True)
     rows_per_file: int = _option(_positive_int, 256)  # rows of one labels/ Parquet file; also resume's step
+    # labels in the output made by another model or prompt set: refuse to resume (exit 2), or relabel them
+    on_mismatch: str = _option(_choice("refuse", "relabel"), "refuse")
 
 
 @dataclass(frozen=True)

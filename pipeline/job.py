@@ -1,6 +1,8 @@
 """The auto-labelling job: read → preprocess → infer → postprocess → write, on Ray Data.
 
-Everything that can be checked without Ray (config, prompt set, checkpoint config) is checked first, in `plan`.
+Everything that can refuse a run is checked before the output is touched and before Ray starts: config,
+prompt set, checkpoint (in `plan`), the input listing (also in `plan`), the output's lease and, on a
+resume, the model and prompt set that made the labels already there (in `autolabel`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import fsspec
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
@@ -25,20 +29,23 @@ from pipeline.infer import SegGptPredictor
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import preprocess
 from pipeline.prompts import PromptSet, load_prompt_set
-from pipeline.read import count_inputs, read_inputs
-from pipeline.write import LabelWriter, clean_labels, prepare_output, write_job_files
+from pipeline.lease import OutputError, OutputLease
+from pipeline.read import count_inputs, list_inputs, pending_inputs, read_inputs, shard_of
+from pipeline.resume import LabelsIndex, clean_labels, done_keys, foreign_labels, read_index, shard_images
+from pipeline.write import LabelWriter, prepare_output, read_job_file, write_job_files
 
 _CPU_STAGE_CPUS = 0.25  # preprocess, postprocess and write tasks: light, so that they never starve the model
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked job: the config, the prompt set and the model's config, ready to run."""
+    """A checked job: the config, the prompt set, the model's config and the listed inputs, ready to run."""
 
     config: JobConfig
     prompts: PromptSet
     model_config: SegGptConfig
     model_fingerprint: str
+    inputs: pa.Table  # pipeline.read.LISTING_SCHEMA
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Summary:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    added: int = 0  # keys in labels/ now that were not before the run
     seconds: float = 0.0
     output_uri: str = ""
 
@@ -61,7 +69,8 @@ class Summary:
 
 
 def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> Plan:
-    """Validate the config, the checkpoint (names and shapes of its weights) and the prompt set. No Ray work."""
+    """Validate the config, the checkpoint (names and shapes of its weights) and the prompt set, and list the
+    inputs. No Ray work, nothing written."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
     options = config.storage_options
@@ -74,15 +83,20 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
         size=model_config.input_size,
         storage_options=options,
     )
-    return Plan(config, prompts, model_config, _fingerprint(config.model.checkpoint, model_config, options))
+    inputs = list_inputs(config.input, options)
+    return Plan(config, prompts, model_config, _fingerprint(config.model.checkpoint, model_config, options), inputs)
 
 
-def build_dataset(job: Plan, *, skip_keys: set[str] = frozenset()) -> ray.data.Dataset:
-    """The lazy dataset of result rows (one per input image not in `skip_keys`), without writing anything."""
+def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
+    """The lazy dataset of result rows, one per image of `work` (default: every input), without writing anything.
+
+    `work` is what `pipeline.read.pending_inputs` gives for the keys to skip.
+    """
     config = job.config
     _init_ray()
     gpus, dtype = _resolve_compute(config)
-    ds = read_inputs(config.input, config.storage_options, skip_keys=skip_keys)
+    work = pending_inputs(job.inputs, pa.array([], pa.string())) if work is None else work
+    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options)
     ds = ds.map_batches(
         preprocess,
         fn_kwargs={"size": job.model_config.input_size, "exif_transpose": config.input.exif_transpose},
@@ -120,43 +134,78 @@ def autolabel(
     """Run the whole job and return its summary. Starts a local Ray unless one is running or reachable.
 
     Off a terminal (scheduled runs), `log` gets a progress line every `progress_every_s` seconds.
+    Raises `OutputError` (before Ray starts, with the output untouched) when another run holds the output
+    or, on a resume with `output.on_mismatch: refuse`, when its labels were made by another model or prompt set.
     """
     job = plan(config, overrides)
-    config, options = job.config, job.config.storage_options
+    config, options, output = job.config, job.config.storage_options, job.config.output
+    model, prompt_set = job.model_fingerprint, job.prompts.fingerprint
+    fs, root = fsspec.core.url_to_fs(output.uri, **options)
     started = datetime.now(timezone.utc)
-    summary = Summary(output_uri=config.output.uri)
-    skip = prepare_output(config.output.uri, options, resume=config.output.resume)
-    summary.skipped = len(skip)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    ds = build_dataset(job, skip_keys=skip).map_batches(
-        LabelWriter,
-        fn_constructor_args=(config.output.uri, options, config.output.png),
-        batch_size=config.output.rows_per_file,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
-        num_cpus=_CPU_STAGE_CPUS,
-    )
-    write_job_files(config.output.uri, options, _job_info(job, summary, started), success=False)
-    start = last_report = time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        ok = pc.sum(pc.equal(batch["status"], "ok")).as_py() or 0
-        summary.ok += ok
-        summary.error += batch.num_rows - ok
+    summary = Summary(output_uri=output.uri)
+    with OutputLease(fs, root, output.uri):
+        runs = read_job_file(fs, root).get("runs", [])
+        before = read_index(fs, root) if output.resume else LabelsIndex()
+        index = before.table()
+        if output.on_mismatch == "refuse":
+            _refuse_foreign_labels(index, model, prompt_set, output.uri)
+        done = done_keys(index, model, prompt_set)
+        work = pending_inputs(job.inputs, done, shard_images(index))
+        listed = job.inputs["key"]
+        summary.skipped = pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
+        prepare_output(fs, root, resume=output.resume)
+        log(f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
+            f"{work.num_rows} files or shards to read")
+
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        ds = build_dataset(job, work).map_batches(
+            LabelWriter,
+            fn_constructor_args=(output.uri, options, output.png),
+            batch_size=output.rows_per_file,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
+            num_cpus=_CPU_STAGE_CPUS,
+        )
+        write_job_files(output.uri, options, _job_info(job, summary, started, runs), success=False)
+        start = last_report = time.monotonic()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ok = pc.sum(batch["ok"]).as_py() or 0
+            summary.ok += ok
+            summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
+            summary.seconds = time.monotonic() - start
+            if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
+                last_report = time.monotonic()
+                log(f"progress: {summary}")
         summary.seconds = time.monotonic() - start
-        if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
-            last_report = time.monotonic()
-            log(f"progress: {summary}")
-    summary.seconds = time.monotonic() - start
-    clean_labels(config.output.uri, options, drop_errors=False)
-    write_job_files(config.output.uri, options, _job_info(job, summary, started), success=True)
+        after = clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set)
+        summary.added = _added(before, after)
+        write_job_files(output.uri, options, _job_info(job, summary, started, runs), success=True)
     return summary
+
+
+def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: str) -> None:
+    foreign = foreign_labels(index, model, prompt_set)
+    if foreign:
+        top = foreign[0]
+        more = f" (and {len(foreign) - 1} other model/prompt-set pairs)" if len(foreign) > 1 else ""
+        raise OutputError(
+            f"output.uri {uri}: {top['rows']} labels there were made by model {top['model']} with prompt set "
+            f"{top['prompt_set']}{more}, this run has model {model} with prompt set {prompt_set}; set "
+            f"output.on_mismatch=relabel to relabel them, or output.resume=false to start over"
+        )
+
+
+def _added(before: LabelsIndex, after: LabelsIndex) -> int:
+    """How many keys are in `after` and were not in `before`."""
+    old, new = before.table()["key"].combine_chunks(), after.table()["key"].combine_chunks()
+    return pc.sum(pc.invert(pc.is_in(new, value_set=old))).as_py() or 0
 
 
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
     job = plan(config, overrides)
     load_model(job.config.model.checkpoint, storage_options=job.config.storage_options)
-    counted = count_inputs(job.config.input, job.config.storage_options)
+    counted = count_inputs(job.inputs, job.config.input.image_column, job.config.storage_options)
     return {"inputs": dataclasses.asdict(counted), "prompts": list(job.prompts.names), "classes": list(job.prompts.classes)}
 
 
@@ -189,21 +238,27 @@ def _fingerprint(uri: str, model_config: SegGptConfig, storage_options: dict[str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _job_info(job: Plan, summary: Summary, started: datetime) -> dict[str, Any]:
+def _job_info(job: Plan, summary: Summary, started: datetime, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`_job.json`: this run's config, classes, fingerprints and counts, and `runs`, the history of every run."""
     import numpy
     import torch
 
+    run = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(summary.seconds, 3),
+        "model_fingerprint": job.model_fingerprint,
+        "prompt_set_fingerprint": job.prompts.fingerprint,
+        "resume": job.config.output.resume,
+        "counts": {"ok": summary.ok, "error": summary.error, "skipped": summary.skipped, "added": summary.added},
+    }
     return {
         "config": job.config.to_dict(redact=True),
         "classes": ["background", *job.prompts.classes],
         "palette": job.prompts.palette.tolist(),
         "prompts": list(job.prompts.names),
-        "model_fingerprint": job.model_fingerprint,
-        "prompt_set_fingerprint": job.prompts.fingerprint,
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
                      "python": sys.version.split()[0]},
-        "counts": {"ok": summary.ok, "error": summary.error, "skipped": summary.skipped},
-        "started_at": started.isoformat(timespec="seconds"),
-        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(summary.seconds, 3),
+        **run,
+        "runs": [*runs, run],
     }

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from model.processing import encode_png, upsample_class_map
+from pipeline.write import LABELS_SCHEMA
 
 
-def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str, prompt_set: str) -> dict[str, Any]:
-    """`map_batches` function (numpy batches) producing the result rows that `pipeline.write` stores.
+def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str, prompt_set: str) -> pa.Table:
+    """`map_batches` function (numpy batches in) giving the result rows as a `LABELS_SCHEMA` table.
 
     Each ok row's class map is upsampled (nearest) to the original size, encoded as an indexed PNG, and counted.
+    The rows are typed here, where they are made, so that any mix of batches (all ok, all error) joins.
     """
     n = len(batch["key"])
     ok = batch["status"] == "ok"
@@ -26,24 +28,22 @@ def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str
         counts = np.bincount(full.ravel(), minlength=len(palette))
         class_ids[i] = np.flatnonzero(counts).tolist()
         pixel_counts[i] = counts[counts > 0].tolist()
-    return {
-        "key": batch["key"],
-        "source": batch["source"],
-        "status": batch["status"],
-        "error": batch["error"],
-        "width": np.where(ok, batch["width"], None),
-        "height": np.where(ok, batch["height"], None),
-        "mask": np.array(masks, dtype=object),
-        "class_ids": _object_array(class_ids),
-        "pixel_counts": _object_array(pixel_counts),
-        "score": np.where(ok, batch["score"], None),
-        "model": np.full(n, model, dtype=object),
-        "prompt_set": np.full(n, prompt_set, dtype=object),
-        "labeled_at": np.full(n, datetime.now(timezone.utc).isoformat(timespec="seconds"), dtype=object),
+    shard_images = np.asarray(batch["shard_images"], dtype=np.int64)
+    columns = {
+        "key": pa.array(batch["key"].tolist(), pa.string()),
+        "source": pa.array(batch["source"].tolist(), pa.string()),
+        "status": pa.array(batch["status"].tolist(), pa.string()),
+        "error": pa.array([error or None for error in batch["error"].tolist()], pa.string()),
+        "width": pa.array(batch["width"], pa.int32(), mask=~ok),
+        "height": pa.array(batch["height"], pa.int32(), mask=~ok),
+        "mask": pa.array(masks, pa.binary()),
+        "mask_uri": pa.nulls(n, pa.string()),
+        "class_ids": pa.array(class_ids, pa.list_(pa.int32())),
+        "pixel_counts": pa.array(pixel_counts, pa.list_(pa.int64())),
+        "score": pa.array(batch["score"], pa.float64(), mask=~ok),
+        "model": pa.array([model] * n, pa.string()),
+        "prompt_set": pa.array([prompt_set] * n, pa.string()),
+        "labeled_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+        "shard_images": pa.array(shard_images, pa.int64(), mask=shard_images == 0),
     }
-
-
-def _object_array(items: list[list[int]]) -> np.ndarray:
-    array = np.empty(len(items), dtype=object)
-    array[:] = items
-    return array
+    return pa.table(columns, schema=LABELS_SCHEMA)

@@ -12,30 +12,33 @@ from model.processing import prepare_image
 
 
 def preprocess(batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_transpose: bool) -> dict[str, Any]:
-    """`map_batches` function (numpy batches): adds `status`, `error`, `width`, `height`, `pixels`; drops `bytes`.
+    """`map_batches` function (numpy batches): adds `status`, `width`, `height`, `pixels`; drops `bytes`.
 
     `width`/`height` are those of the image as shown (after EXIF orientation when `exif_transpose`).
-    A row that cannot be decoded gets status "error", a readable message, and zero pixels.
+    A row that cannot be decoded gets status "error", a readable message, and zero pixels. Every column
+    has a fixed numpy dtype (`error` is a string array, "" where there is none), never an object array
+    of Nones whose type Ray would have to guess per batch.
     """
     n = len(batch["key"])
     pixels = np.zeros((n, *size, 3), dtype=np.uint8)
     status = np.full(n, "ok", dtype=object)
-    errors = np.array(batch["error"], dtype=object)
+    errors = np.array([error or "" for error in batch["error"]], dtype=object)
     width = np.zeros(n, dtype=np.int64)
     height = np.zeros(n, dtype=np.int64)
     for i, (key, data) in enumerate(zip(batch["key"], batch["bytes"])):
-        if errors[i] is None:
+        if not errors[i]:
             try:
                 pixels[i], width[i], height[i] = _decode(data, key, size, exif_transpose)
             except Exception as error:  # a bad image must never stop the job
                 errors[i] = _describe(error)
-        if errors[i] is not None:
+        if errors[i]:
             status[i] = "error"
     return {
         "key": batch["key"],
         "source": batch["source"],
-        "status": status,
-        "error": errors,
+        "shard_images": batch["shard_images"],
+        "status": status.astype(str),
+        "error": errors.astype(str),
         "width": width,
         "height": height,
         "pixels": pixels,

@@ -27,8 +27,14 @@ Keys are stable across runs and unique, and are what resume matches on:
 
 Two inputs with the same key are an `InputError` at listing time.
 
+Listing (`list_inputs`) gives a `LISTING_SCHEMA` table; `pending_inputs` turns it into the work
+items (`WORK_SCHEMA`) of a run, given the keys already done; `read_inputs` reads them on Ray.
+
 Rows have the columns of `READ_SCHEMA`: `key`, `source` (the full URI of the file or shard),
-`bytes` (the encoded image; empty when the read failed) and `error` (null, or why the read failed).
+`bytes` (the encoded image; empty when the read failed), `error` (null, or why the read failed) and
+`shard_images`: the number of images of the row's shard, set on (at least) the row of its last image
+(every row of a Parquet shard), 0 where not known (loose files, the other rows of a tar shard). Rows
+carry it into `labels/`, so that a later run knows a shard whose images are all done without opening it.
 A file that cannot be read yields an error row, never an exception. A shard that cannot be opened,
 or breaks part-way (a corrupt tar, a Parquet file without the image column), yields one error row
 keyed by the shard's own key, after the rows read before the break. Transient storage errors are
@@ -37,7 +43,6 @@ retried with back-off; a shard re-opened after one continues after the rows it a
 
 from __future__ import annotations
 
-import math
 import posixpath
 import tarfile
 import time
@@ -47,7 +52,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import fsspec
+import fsspec.asyn
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from fsspec.core import has_magic
@@ -61,8 +69,19 @@ READ_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("bytes", pa.binary(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("shard_images", pa.int64(), nullable=False),
     ]
 )
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # full URI
+        pa.field("kind", pa.string(), nullable=False),  # "images" | "webdataset" | "parquet"
+    ]
+)
+WORK_SCHEMA = pa.schema([*LISTING_SCHEMA, pa.field("skip", pa.list_(pa.string()))])  # skip: done member keys
+# `<shard key>/<member>`: the shard key is the longest prefix ending in a shard extension
+_SHARD_MEMBER = r"^(?P<shard>.+\.(?i:tar|tar\.gz|tgz|parquet))/"
 
 _IMAGES_PER_BLOCK = 64  # loose files read by one task
 _FLUSH_ROWS = 256  # rows per output table of a read task ...
@@ -71,6 +90,8 @@ _PARQUET_BATCH_ROWS = 64
 _TRIES = 4
 _RETRY_DELAY_S = 0.25
 _COUNT_THREADS = 16
+_LIST_THREADS = 16
+_LIST_CHUNK = 10_000  # names gathered into one Arrow chunk while listing
 _PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -89,15 +110,6 @@ class InputSpec(Protocol):
 
 
 @dataclass(frozen=True)
-class InputFile:
-    """One listed file: a loose image (`key` is the image's key) or a shard (`key` is the shard's)."""
-
-    key: str
-    source: str
-    kind: str  # "images" | "webdataset" | "parquet"
-
-
-@dataclass(frozen=True)
 class InputCount:
     """What `count_inputs` finds: listed files, images a full run would label, and how many to skip."""
 
@@ -109,60 +121,102 @@ class InputCount:
 # --- listing (driver) -------------------------------------------------------------------------
 
 
-def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> list[InputFile]:
-    """List the input files and shards with their keys, sorted by key; reads no file contents."""
-    roots: list[str] = []
-    found: list[tuple[str, str, str]] = []  # (path, source, kind)
-    for uri in input_cfg.uris:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-        fs.invalidate_cache()
-        root, paths = _expand(fs, path, uri)
-        roots.append(root)
-        for file_path in paths:
-            kind = _kind(file_path, input_cfg.format)
-            if kind is not None:
-                found.append((file_path, fs.unstrip_protocol(file_path), kind))
-    if not found:
+def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Table:
+    """The input files and shards as a `LISTING_SCHEMA` table sorted by key; reads no file contents.
+
+    The URIs, and the top-level folders under each, are listed in parallel; names are kept as Arrow
+    strings (about 100 bytes per file), never as one Python object per file, and the filesystem's
+    listing cache is dropped after each URI.
+    """
+    with ThreadPoolExecutor(_LIST_THREADS) as pool:
+        listed = list(pool.map(lambda uri: _list_uri(uri, input_cfg.format, storage_options), input_cfg.uris))
+    found = pa.concat_tables([table for _, table in listed])
+    if found.num_rows == 0:
         wanted = "image, .tar or .parquet" if input_cfg.format == "auto" else input_cfg.format
         raise InputError(f"input.uri: no {wanted} files found in {', '.join(input_cfg.uris)}")
-    base = _common_folder(roots)
-    files = sorted(
-        (InputFile(path[len(base) :].lstrip("/"), source, kind) for path, source, kind in found),
-        key=lambda file: file.key,
-    )
-    _check_unique(files)
-    return files
+    base = _common_folder([root for root, _ in listed])
+    keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(found["path"], len(base)), "/")
+    listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
+    _check_unique(listing)
+    return listing
 
 
-def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[str, list[str]]:
-    """The root folder of one input URI and the files it names."""
+def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any]) -> tuple[str, pa.Table]:
+    """The root folder of one input URI and a table (path, source, kind) of the input files it names."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.invalidate_cache()
+    try:
+        root, paths = _expand(fs, path, uri)
+    finally:
+        fs.invalidate_cache()
+    kinds = _kinds(paths, wanted)
+    keep = pc.is_valid(kinds)
+    paths, kinds = paths.filter(keep), kinds.filter(keep)
+    sample = paths[0].as_py() if len(paths) else ""
+    prefix = fs.unstrip_protocol(sample).removesuffix(sample)  # e.g. "s3://", "file://"
+    sources = pc.binary_join_element_wise(prefix, paths, "")
+    return root, pa.table({"path": paths, "source": sources, "kind": kinds})
+
+
+def _kinds(paths: pa.Array, wanted: str) -> pa.Array:
+    """Each path's input kind by its extension (any case); null for other and hidden files."""
+    names = pc.utf8_lower(pc.struct_field(pc.extract_regex(paths, r"(?P<name>[^/]*)$"), [0]))
+    rules = {
+        "hidden": pc.starts_with(names, "."),
+        "webdataset": pc.match_substring_regex(names, r"\.(tar|tar\.gz|tgz)$"),
+        "parquet": pc.ends_with(names, ".parquet"),
+        "images": pc.match_substring_regex(names, rf"\.({'|'.join(sorted(IMAGE_EXTENSIONS))})$"),
+    }
+    values = [None if kind == "hidden" or wanted not in ("auto", kind) else kind for kind in rules]
+    conditions = pc.make_struct(*rules.values(), field_names=list(rules))
+    return pc.case_when(conditions, *(pa.scalar(value, pa.string()) for value in values))
+
+
+def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[str, pa.Array]:
+    """The root folder of one input URI and the paths of the files it names."""
     if has_magic(path):
         wildcard = min(path.index(char) for char in "*?[" if char in path)
         root = path[:wildcard].rpartition("/")[0]
-        paths = []
-        for match, info in sorted(fs.glob(path, detail=True).items()):
-            paths.extend(fs.find(match) if info["type"] == "directory" else [match])
-        return root, paths
+        matches = fs.glob(path, detail=True)
+        files = pa.array(sorted(name for name, info in matches.items() if info["type"] != "directory"), pa.string())
+        folders = [_files_under(fs, name) for name, info in sorted(matches.items()) if info["type"] == "directory"]
+        return root, pa.concat_arrays([files, *folders])
     if fs.isdir(path):
-        return path, fs.find(path)
+        return path, _files_under(fs, path)
     if fs.isfile(path):
-        return path.rpartition("/")[0], [path]
+        return path.rpartition("/")[0], pa.array([path], pa.string())
     raise InputError(f"input.uri: {uri} does not exist")
 
 
-def _kind(path: str, wanted: str) -> str | None:
-    name = path.rpartition("/")[2].lower()
-    if name.startswith("."):
-        return None
-    if name.endswith(TAR_SUFFIXES):
-        kind = "webdataset"
-    elif name.endswith(".parquet"):
-        kind = "parquet"
-    elif "." in name and name.rpartition(".")[2] in IMAGE_EXTENSIONS:
-        kind = "images"
-    else:
-        return None
-    return kind if wanted in ("auto", kind) else None
+def _files_under(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
+    """Every file below `folder`: its own files, and each top-level subfolder walked in its own thread."""
+    entries = fs.ls(folder, detail=True)
+    files = pa.array([entry["name"] for entry in entries if entry["type"] != "directory"], pa.string())
+    subfolders = [entry["name"] for entry in entries if entry["type"] == "directory"]
+    with ThreadPoolExecutor(_LIST_THREADS) as pool:
+        return pa.concat_arrays([files, *pool.map(lambda sub: _walk(fs, sub), subfolders)])
+
+
+def _walk(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
+    """Every file below `folder`, gathered page by page (S3) or folder by folder into Arrow chunks."""
+    if "s3" in fs.protocol:  # s3fs: one flat paged listing, without filling its listing cache
+        bucket, key, _ = fs.split_path(folder)
+
+        async def pages() -> list[pa.Array]:
+            chunks, names = [], []
+            async for info in fs._iterdir(bucket, prefix=f"{key.rstrip('/')}/", delimiter=""):
+                names.append(info["name"])
+                if len(names) == _LIST_CHUNK:
+                    chunks.append(pa.array(names, pa.string()))
+                    names = []
+            return [*chunks, pa.array(names, pa.string())]
+
+        return pa.concat_arrays(fsspec.asyn.sync(fs.loop, pages))
+    chunks = [
+        pa.array([f"{folder_path}/{name}" for name in names], pa.string())
+        for folder_path, _, names in fs.walk(folder, detail=False)
+    ]
+    return pa.concat_arrays([pa.array([], pa.string()), *chunks])
 
 
 def _common_folder(folders: list[str]) -> str:
@@ -175,68 +229,90 @@ def _common_folder(folders: list[str]) -> str:
     return "/".join(common)
 
 
-def _check_unique(files: list[InputFile]) -> None:
-    """`files` is sorted by key, so duplicates are neighbours."""
-    duplicates = [(a, b) for a, b in zip(files, files[1:]) if a.key == b.key]
-    if duplicates:
-        a, b = duplicates[0]
+def _check_unique(listing: pa.Table) -> None:
+    """`listing` is sorted by key, so duplicates are neighbours."""
+    keys = listing["key"].combine_chunks()
+    same = pc.equal(keys[1:], keys[:-1]) if len(keys) > 1 else pa.array([], pa.bool_())
+    duplicates = pc.indices_nonzero(same)
+    if len(duplicates):
+        first = duplicates[0].as_py()
+        a, b = listing.slice(first, 2).to_pylist()
         raise InputError(
-            f"input.uri: {len(duplicates)} duplicate key(s), e.g. {a.key!r} from {a.source} and {b.source}"
+            f"input.uri: {len(duplicates)} duplicate key(s), e.g. {a['key']!r} from {a['source']} and {b['source']}"
         )
 
 
-def _skips_by_shard(files: list[InputFile], skip_keys: Iterable[str]) -> dict[str, set[str]]:
-    """Split the skip keys that fall inside shards into {shard key: {member name or row index}}."""
-    skips: dict[str, set[str]] = {file.key: set() for file in files if file.kind != "images"}
-    if not skips:
-        return skips
-    for key in skip_keys:
-        slash = key.find("/")
-        while slash != -1:
-            if key[:slash] in skips:
-                skips[key[:slash]].add(key[slash + 1 :])
-                break
-            slash = key.find("/", slash + 1)
-    return skips
+# --- what to read (driver) --------------------------------------------------------------------
+
+
+def shard_of(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The shard key of each key `<shard>/<member>` of a tar member or Parquet row; null for other keys."""
+    return pc.struct_field(pc.extract_regex(keys, _SHARD_MEMBER), [0])
+
+
+def pending_inputs(listing: pa.Table, done: pa.Array, shard_images: pa.Table | None = None) -> pa.Table:
+    """The work items (`WORK_SCHEMA`) of the listed inputs whose images are not all in `done`.
+
+    `done` holds the keys not to label again. A loose file in it is dropped; a shard gets the keys of
+    its done members as `skip`, and is dropped when they are all its images: `shard_images` (columns
+    `shard`, `images`, from earlier runs' rows) says how many images a shard has.
+    """
+    done = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
+    loose = pc.equal(listing["kind"], "images")
+    todo_loose = listing.filter(pc.and_(loose, pc.invert(pc.is_in(listing["key"], value_set=done))))
+    shards = listing.filter(pc.invert(loose))
+    shard_keys = shard_of(done)
+    done_members = pa.table({"shard": shard_keys, "member": done}).filter(pc.is_valid(shard_keys))
+    per_shard = done_members.group_by("shard").aggregate([("member", "list"), ("member", "count")])
+    members = pc.index_in(shards["key"], value_set=per_shard["shard"])
+    skip = pc.fill_null(per_shard["member_list"].take(members), pa.scalar([], pa.list_(pa.string())))
+    if shard_images is None:
+        shard_images = pa.table({"shard": pa.array([], pa.string()), "images": pa.array([], pa.int64())})
+    images = shard_images["images"].take(pc.index_in(shards["key"], value_set=shard_images["shard"]))
+    complete = pc.fill_null(pc.greater_equal(per_shard["member_count"].take(members), images), False)
+    shards, skip = shards.filter(pc.invert(complete)), skip.filter(pc.invert(complete))
+    work_shards = pa.table([shards["key"], shards["source"], shards["kind"], skip], schema=WORK_SCHEMA)
+    empty_skip = pa.ListArray.from_arrays(np.zeros(todo_loose.num_rows + 1, np.int32), pa.array([], pa.string()))
+    work_loose = pa.table([*todo_loose.columns, empty_skip], schema=WORK_SCHEMA)
+    return pa.concat_tables([work_shards.sort_by("key"), work_loose])
 
 
 # --- counting (driver, for --dry-run) ---------------------------------------------------------
 
 
 def count_inputs(
-    input_cfg: InputSpec, storage_options: dict[str, Any], *, skip_keys: Iterable[str] = frozenset()
+    listing: pa.Table, image_column: str, storage_options: dict[str, Any], *, done: pa.Array | None = None
 ) -> InputCount:
     """Count the images without reading them: tar headers only, Parquet row counts from the footer.
 
     A shard that cannot be read counts as one image: a run turns it into one error row.
     """
-    skip_keys = set(skip_keys)
-    files = list_inputs(input_cfg, storage_options)
-    skips = _skips_by_shard(files, skip_keys)
-    loose = [file for file in files if file.kind == "images"]
-    shards = [file for file in files if file.kind != "images"]
+    done = pa.array([], pa.string()) if done is None else done
+    loose = listing.filter(pc.equal(listing["kind"], "images"))
+    shards = listing.filter(pc.not_equal(listing["kind"], "images")).to_pylist()
+    done_members = set(done.filter(pc.is_valid(shard_of(done))).to_pylist())
 
-    def count_shard(file: InputFile) -> tuple[int, int]:
+    def count_shard(file: dict[str, str]) -> tuple[int, int]:
         try:
-            members = _with_retries(lambda: _shard_members(file, storage_options, input_cfg.image_column))
+            members = _with_retries(lambda: _shard_members(file, storage_options, image_column))
         except Exception:
             return 1, 0
-        return len(members), len(members & skips[file.key])
+        return len(members), sum(f"{file['key']}/{name}" in done_members for name in members)
 
     with ThreadPoolExecutor(_COUNT_THREADS) as pool:
         shard_counts = list(pool.map(count_shard, shards))
     return InputCount(
-        files=len(files),
-        images=len(loose) + sum(images for images, _ in shard_counts),
-        skipped=sum(file.key in skip_keys for file in loose) + sum(skipped for _, skipped in shard_counts),
+        files=listing.num_rows,
+        images=loose.num_rows + sum(images for images, _ in shard_counts),
+        skipped=(pc.sum(pc.is_in(loose["key"], value_set=done)).as_py() or 0) + sum(n for _, n in shard_counts),
     )
 
 
-def _shard_members(file: InputFile, storage_options: dict[str, Any], image_column: str) -> set[str]:
+def _shard_members(file: dict[str, str], storage_options: dict[str, Any], image_column: str) -> set[str]:
     """Member names (tar) or row indices (Parquet) of a shard's images, from headers/metadata."""
-    fs, path = fsspec.core.url_to_fs(file.source, **storage_options)
+    fs, path = fsspec.core.url_to_fs(file["source"], **storage_options)
     with fs.open(path, "rb") as handle:
-        if file.kind == "parquet":
+        if file["kind"] == "parquet":
             parquet = pq.ParquetFile(handle)
             _image_values_reader(parquet.schema_arrow, image_column)
             return {str(index) for index in range(parquet.metadata.num_rows)}
@@ -248,36 +324,25 @@ def _shard_members(file: InputFile, storage_options: dict[str, Any], image_colum
 
 
 def read_inputs(
-    input_cfg: InputSpec,
-    storage_options: dict[str, Any],
-    *,
-    skip_keys: Iterable[str] = frozenset(),
-    num_cpus: float = 0.5,
+    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], num_cpus: float = 0.5
 ) -> ray.data.Dataset:
-    """A lazy dataset of `READ_SCHEMA` rows, one per input image not in `skip_keys`.
+    """A lazy dataset of `READ_SCHEMA` rows, one per image of the work items (see `pending_inputs`).
 
-    Listing runs here, on the driver; bytes are read by Ray tasks using `num_cpus` each. Loose files
-    in `skip_keys` are dropped before any task runs; skipped tar members and Parquet rows are passed
-    over inside the task (a Parquet row group that is skipped entirely is not read at all).
+    Bytes are read by Ray tasks using `num_cpus` each: a shard per task, loose files 64 to a task.
+    Skipped tar members and Parquet rows are passed over inside the task (a Parquet row group that is
+    skipped entirely is not read at all).
     """
-    skip_keys = set(skip_keys)
-    files = list_inputs(input_cfg, storage_options)
-    skips = _skips_by_shard(files, skip_keys)
-    items = [
-        {"kind": file.kind, "key": file.key, "source": file.source, "skip": sorted(skips.get(file.key, ()))}
-        for file in sorted(files, key=lambda file: file.kind == "images")  # shards first: own blocks
-        if file.kind != "images" or file.key not in skip_keys
-    ]
-    if not items:
+    if work.num_rows == 0:
         return ray.data.from_arrow(READ_SCHEMA.empty_table())
-    loose = sum(item["kind"] == "images" for item in items)
-    blocks = (len(items) - loose) + math.ceil(loose / _IMAGES_PER_BLOCK)
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    shards = pc.sum(pc.not_equal(work["kind"], "images")).as_py()
+    blocks = [work.slice(i, 1) for i in range(shards)]
+    blocks += [work.slice(start, _IMAGES_PER_BLOCK) for start in range(shards, work.num_rows, _IMAGES_PER_BLOCK)]
+    return ray.data.from_arrow(blocks).map_batches(
         _read_items,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=num_cpus,
-        fn_kwargs={"image_column": input_cfg.image_column, "storage_options": storage_options},
+        fn_kwargs={"image_column": image_column, "storage_options": storage_options},
     )
 
 
@@ -311,8 +376,8 @@ def _read_image(item: dict[str, Any], storage_options: dict[str, Any]) -> Iterat
     yield _row(item["key"], item["source"], data)
 
 
-# A shard's image rows: (member name or row index, bytes or None, error or None)
-MemberRows = Iterator[tuple[str, bytes | None, str | None]]
+# A shard's image rows: (member name or row index, bytes or None, error or None, shard_images)
+MemberRows = Iterator[tuple[str, bytes | None, str | None, int]]
 # (fs, path, image column, names to pass over) -> the shard's rows
 MemberReader = Callable[[fsspec.AbstractFileSystem, str, str, set[str]], MemberRows]
 
@@ -322,13 +387,13 @@ def _read_shard(
 ) -> Iterator[dict[str, Any]]:
     """Rows of one shard; after a transient error the shard is re-opened and passes over `done`."""
     key, source = item["key"], item["source"]
-    done = set(item["skip"])
+    done = {member[len(key) + 1 :] for member in item["skip"]}
     for attempt in range(_TRIES):
         try:
             fs, path = fsspec.core.url_to_fs(source, **storage_options)
-            for name, data, error in members(fs, path, image_column, done):
+            for name, data, error, images in members(fs, path, image_column, done):
                 done.add(name)
-                yield _row(f"{key}/{name}", source, data, error)
+                yield _row(f"{key}/{name}", source, data, error, images)
             return
         except Exception as error:
             if attempt + 1 == _TRIES or not _is_transient(error):
@@ -340,11 +405,22 @@ def _read_shard(
 def _tar_members(
     fs: fsspec.AbstractFileSystem, path: str, image_column: str, done: set[str]
 ) -> MemberRows:
+    """Image members in archive order; the last one (held back until the end) carries the image count."""
+    seen: set[str] = set()
+    held: tuple[str, bytes] | None = None
     with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
         for info in tar:
             name = _image_member_name(info)
-            if name is not None and name not in done:
-                yield name, tar.extractfile(info).read(), None
+            if name is None or name in seen:
+                continue
+            seen.add(name)
+            if name in done:
+                continue
+            if held is not None:
+                yield *held, None, 0
+            held = name, tar.extractfile(info).read()
+    if held is not None:
+        yield *held, None, len(seen)
 
 
 def _image_member_name(info: tarfile.TarInfo) -> str | None:
@@ -364,6 +440,7 @@ def _parquet_rows(
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         values_of = _image_values_reader(parquet.schema_arrow, image_column)
+        images = parquet.metadata.num_rows
         start = 0
         for group in range(parquet.num_row_groups):
             count = parquet.metadata.row_group(group).num_rows
@@ -381,9 +458,9 @@ def _parquet_rows(
                         continue
                     if data is None:
                         what = f"a path-only image ({image_path!r})" if image_path else "null"
-                        yield name, None, f"{image_column} is {what}, not image bytes"
+                        yield name, None, f"{image_column} is {what}, not image bytes", images
                     else:
-                        yield name, data, None
+                        yield name, data, None, images
 
 
 def _image_values_reader(
@@ -411,8 +488,10 @@ def _image_values_reader(
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _row(key: str, source: str, data: bytes | None = None, error: str | None = None) -> dict[str, Any]:
-    return {"key": key, "source": source, "bytes": data or b"", "error": error}
+def _row(
+    key: str, source: str, data: bytes | None = None, error: str | None = None, shard_images: int = 0
+) -> dict[str, Any]:
+    return {"key": key, "source": source, "bytes": data or b"", "error": error, "shard_images": shard_images}
 
 
 def _message(error: BaseException) -> str:

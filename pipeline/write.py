@@ -1,45 +1,37 @@
-"""Write stage: result rows to `labels/*.parquet` and `masks/<key>.png`, with resume.
+"""Write stage: result rows to `labels/*.parquet` and `masks/<key>.png`.
 
 Layout under the output URI::
 
     labels/part-<sha1 of the file's sorted keys>.parquet   rows of LABELS_SCHEMA, one file per batch
+                                                           (its ok rows; its error rows in a file of their own)
     masks/<key>.png                                        the mask of each ok row (with `png`)
-    _job.json, _SUCCESS                                    job description; present when complete
+    _job.json                                              the job and the history of its runs
+    _SUCCESS                                               present when the last run completed
+    _lease.json                                            held while a run is on (`pipeline.lease`)
     _staging/                                              local filesystems only: files being written
 
 `labels/` holds only Parquet files of one fixed schema, so pyarrow, pandas and DuckDB
 (`read_parquet('labels/*.parquet')`) read the folder as one table.
 
-**Invariant: every key is in `labels/` at most once; after a completed run, exactly once.**
-It is kept by these rules:
+**Invariant: every key is in `labels/` at most once after a completed run.** It is kept by these rules:
 
 1. A labels file appears whole or not at all: a local file is written under `_staging/` and renamed
    into place; an object store PUT is atomic. Its name derives from its keys, so a retried write of
    the same batch (a Ray task retry) replaces the file instead of adding one.
 2. A row's PNG is written before its labels file, so a key in `labels/` always has its mask.
-3. Before a run, `prepare_output` (with resume) runs `clean_labels(drop_errors=True)`: error rows
-   are removed (their keys are labelled again) and, should a key be in two files, one row wins
-   (`ok` first, then the latest `labeled_at`, then the greatest file name). A file that loses rows is
-   rewritten: the new file (named from its remaining keys) is written before the old one is
-   deleted, and a file just written is never deleted. A kill at any point leaves each kept row in at
-   least one file, and running the cleaning again finishes the job. The keys it returns are skipped.
-4. After a run, `clean_labels(drop_errors=False)` removes any duplicate left by a retry that
-   re-batched differently (it keeps the latest error row of a key that has no ok row).
-
-A run is therefore: `prepare_output` → read (skipping the returned keys) → … → `LabelWriter` →
-`clean_labels(drop_errors=False)` → `write_job_files(success=True)`.
+3. A run labels only keys without an ok row of its model and prompt set (`pipeline.resume`), and
+   its last step, `pipeline.resume.clean_labels`, leaves one row per key (rows an earlier run left,
+   or a retry that re-batched differently, lose to the newest ok one).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -66,15 +58,12 @@ LABELS_SCHEMA = pa.schema(
         pa.field("prompt_set", pa.string()),
         # labeled_at: a timestamp (naive ones are taken as UTC) or an ISO 8601 string with an offset
         pa.field("labeled_at", pa.timestamp("us", tz="UTC")),
+        # images of the row's shard, where known (see pipeline.read); lets a resume skip finished shards
+        pa.field("shard_images", pa.int64()),
     ]
 )
-WRITE_RESULT_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("status", pa.string())])
-_INDEX_SCHEMA = pa.schema(  # what clean_labels needs to know of each row in labels/
-    [
-        *(LABELS_SCHEMA.field(name) for name in ("key", "status", "labeled_at")),
-        pa.field("file", pa.string()),
-        pa.field("row", pa.int64()),  # position in its file
-    ]
+WRITE_RESULT_SCHEMA = pa.schema(  # one row per labels file written
+    [pa.field("file", pa.string()), pa.field("rows", pa.int64()), pa.field("ok", pa.int64())]
 )
 
 LABELS_DIR = "labels"
@@ -82,15 +71,16 @@ MASKS_DIR = "masks"
 STAGING_DIR = "_staging"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
-_INDEX_THREADS = 16
 
 
 class LabelWriter:
-    """Ray Data UDF: writes a batch of result rows, returns its (key, status) pairs.
+    """Ray Data UDF: writes a batch of result rows; returns a `WRITE_RESULT_SCHEMA` row per file written.
 
     Use with ``ds.map_batches(LabelWriter, fn_constructor_args=(uri, storage_options, png),
     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(...), num_cpus=...)`` or as an
-    instance. Columns outside LABELS_SCHEMA are ignored; `mask_uri` is computed here.
+    instance. Columns outside LABELS_SCHEMA are ignored; `mask_uri` is computed here. The ok rows of a
+    batch go to one file and its error rows to another, so that relabelling an error row later never
+    rewrites a file of masks.
     """
 
     def __init__(self, output_uri: str, storage_options: dict[str, Any], png: bool = True):
@@ -99,13 +89,16 @@ class LabelWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table = _conform(batch)
-        if table.num_rows == 0:
-            return WRITE_RESULT_SCHEMA.empty_table()
         mask_uris = self._write_masks(table) if self.png else pa.nulls(table.num_rows, pa.string())
         table = table.set_column(LABELS_SCHEMA.get_field_index("mask_uri"), "mask_uri", mask_uris)
-        name = labels_file_name(table["key"].to_pylist())
-        _write_atomically(self.fs, self.root, f"{self.root}/{LABELS_DIR}/{name}", _parquet_bytes(table))
-        return table.select(["key", "status"]).cast(WRITE_RESULT_SCHEMA)
+        ok = pc.equal(table["status"], "ok")
+        written = []
+        for status, part in (("ok", table.filter(ok)), ("error", table.filter(pc.invert(ok)))):
+            if part.num_rows:
+                name = labels_file_name(part["key"].to_pylist())
+                write_atomically(self.fs, self.root, f"{self.root}/{LABELS_DIR}/{name}", parquet_bytes(part))
+                written.append({"file": name, "rows": part.num_rows, "ok": part.num_rows if status == "ok" else 0})
+        return pa.Table.from_pylist(written, schema=WRITE_RESULT_SCHEMA)
 
     def _write_masks(self, table: pa.Table) -> pa.Array:
         """Write masks/<key>.png for ok rows with a mask; their URIs, null elsewhere."""
@@ -132,70 +125,23 @@ def labels_file_name(keys: Iterable[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def completed_keys(output_uri: str, storage_options: dict[str, Any]) -> set[str]:
-    """Keys with an ok row in `labels/` (empty when there is no output yet)."""
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
-    index = _read_index(fs, root)
-    return set(index.filter(pc.equal(index["status"], "ok"))["key"].to_pylist())
-
-
-def prepare_output(output_uri: str, storage_options: dict[str, Any], *, resume: bool) -> set[str]:
-    """Get the output ready for a run; returns the keys to skip.
-
-    Removes a stale `_SUCCESS` and leftover staging files. With `resume`, cleans `labels/` (error rows
-    and duplicates out) and returns the keys already labelled ok; without, deletes `labels/` and
-    `masks/` so that the run starts over, and returns no keys.
-    """
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
+def prepare_output(fs: fsspec.AbstractFileSystem, root: str, *, resume: bool) -> None:
+    """Get the output ready for a run: remove a stale `_SUCCESS` and staging leftovers, and without
+    `resume` the old `labels/` and `masks/` too (the run starts over)."""
     fs.invalidate_cache()
     folders = [STAGING_DIR] if resume else [STAGING_DIR, LABELS_DIR, MASKS_DIR]
     for name in [SUCCESS_FILE, *folders]:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
-    return clean_labels(output_uri, storage_options, drop_errors=True) if resume else set()
+    fs.invalidate_cache()
 
 
-def clean_labels(output_uri: str, storage_options: dict[str, Any], *, drop_errors: bool) -> set[str]:
-    """Leave each key in `labels/` once (and, with `drop_errors`, only ok rows); returns the ok keys.
-
-    Safe to run again after being killed midway: see rule 3 in the module docstring.
-    """
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
-    index = _read_index(fs, root)
-    if index.num_rows == 0:
-        return set()
-    index = index.append_column("not_ok", pc.not_equal(index["status"], "ok")).sort_by(
-        [
-            ("key", "ascending"),
-            ("not_ok", "ascending"),  # the winner of each key comes first: ok rows,
-            ("labeled_at", "descending"),  # then the latest,
-            ("file", "descending"),  # then a fixed order, so that a repeated cleaning agrees
-            ("row", "descending"),
-        ]
-    )
-    keys = index["key"].to_numpy(zero_copy_only=False)
-    keep = np.ones(len(keys), dtype=bool)
-    keep[1:] = keys[1:] != keys[:-1]
-    if drop_errors:
-        keep &= ~index["not_ok"].to_numpy(zero_copy_only=False)
-    kept = index.filter(pa.array(keep))
-    counts = index.group_by("file").aggregate([("row", "count")])
-    rows_per_file = dict(zip(counts["file"].to_pylist(), counts["row_count"].to_pylist()))
-    lists = kept.group_by("file").aggregate([("row", "list")])
-    kept_rows = dict(zip(lists["file"].to_pylist(), lists["row_list"].to_pylist()))
-    changed = [file for file, count in rows_per_file.items() if len(kept_rows.get(file, ())) != count]
-    written = set()
-    for file in changed:
-        if file in kept_rows:
-            table = pq.read_table(io.BytesIO(fs.cat_file(file)))
-            table = table.take(sorted(kept_rows[file]))
-            target = f"{root}/{LABELS_DIR}/{labels_file_name(table['key'].to_pylist())}"
-            _write_atomically(fs, root, target, _parquet_bytes(table))
-            written.add(target)
-    for file in changed:
-        if file not in written:
-            fs.rm_file(file)
-    return set(kept.filter(pc.invert(kept["not_ok"]))["key"].to_pylist())
+def read_job_file(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
+    """The output's `_job.json`, or {} when there is none (or it is not readable JSON)."""
+    try:
+        return json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def write_job_files(
@@ -204,7 +150,7 @@ def write_job_files(
     """Write `_job.json` (`job_info`, which must hold no secrets); `_SUCCESS` only when `success`."""
     fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
     text = json.dumps(job_info, indent=2, sort_keys=True, default=str) + "\n"
-    _write_atomically(fs, root, f"{root}/{JOB_FILE}", text.encode())
+    write_atomically(fs, root, f"{root}/{JOB_FILE}", text.encode())
     success_path = f"{root}/{SUCCESS_FILE}"
     if success:
         fs.pipe_file(success_path, b"")
@@ -237,13 +183,13 @@ def _python(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
 
-def _write_atomically(fs: fsspec.AbstractFileSystem, root: str, path: str, data: bytes) -> None:
+def write_atomically(fs: fsspec.AbstractFileSystem, root: str, path: str, data: bytes) -> None:
     """Make `path` hold `data`, whole or not at all: staging + rename locally, one PUT elsewhere."""
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
@@ -254,21 +200,3 @@ def _write_atomically(fs: fsspec.AbstractFileSystem, root: str, path: str, data:
     with open(staging, "wb") as file:
         file.write(data)
     os.replace(staging, path)
-
-
-def _read_index(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
-    """key, status, labeled_at, file and row (position in the file) of every row in `labels/`."""
-    fs.invalidate_cache()
-    files = sorted(path for path in fs.find(f"{root}/{LABELS_DIR}") if path.endswith(".parquet"))
-
-    def read(path: str) -> pa.Table:
-        with fs.open(path, "rb") as file:
-            table = pq.read_table(file, columns=["key", "status", "labeled_at"])
-        rows = table.num_rows
-        return table.append_column("file", pa.array([path] * rows, pa.string())).append_column(
-            "row", pa.array(np.arange(rows, dtype=np.int64))
-        )
-
-    with ThreadPoolExecutor(_INDEX_THREADS) as pool:
-        tables = list(pool.map(read, files))
-    return pa.concat_tables([_INDEX_SCHEMA.empty_table(), *tables])

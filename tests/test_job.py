@@ -149,7 +149,9 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     summary = autolabel(config, log=lines.append, progress_every_s=0)
 
     assert (summary.ok, summary.error) == (len(keys), 0)
-    assert lines and all(line.startswith("progress: labelled") for line in lines)  # plain lines off a terminal
+    assert lines[0] == f"planned: {len(keys) if kind == 'images' else 2} input files, 0 images done before, " \
+        f"{len(keys) if kind == 'images' else 2} files or shards to read"
+    assert lines[1:] and all(line.startswith("progress: labelled") for line in lines[1:])  # plain lines off a terminal
     table = read_labels(f"{bucket}/out", storage_options)
     assert sorted(table["key"].to_pylist()) == sorted(keys)
     for row in table.to_pylist():
@@ -166,7 +168,8 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     fs.invalidate_cache()
     assert fs.exists(f"{bucket}/out/_SUCCESS")
     job = json.loads(fs.cat_file(f"{bucket}/out/_job.json"))
-    assert job["counts"] == {"ok": len(keys), "error": 0, "skipped": 0}
+    assert job["counts"] == {"ok": len(keys), "error": 0, "skipped": 0, "added": len(keys)}
+    assert [run["counts"] for run in job["runs"]] == [job["counts"]]
     assert job["classes"] == ["background", *CLASSES]
     assert job["config"]["storage_options"]["secret"] == "***"
 

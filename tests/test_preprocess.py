@@ -19,7 +19,7 @@ from pipeline.preprocess import preprocess
 from pipeline.read import READ_SCHEMA
 
 SIZE = (24, 16)  # (height, width); not square, so that a swapped axis shows
-OUTPUT_COLUMNS = {"key", "source", "status", "error", "width", "height", "pixels"}
+OUTPUT_COLUMNS = {"key", "source", "shard_images", "status", "error", "width", "height", "pixels"}
 
 
 def _batch(rows: list[tuple[str, bytes, str | None]]) -> dict[str, np.ndarray]:
@@ -29,6 +29,7 @@ def _batch(rows: list[tuple[str, bytes, str | None]]) -> dict[str, np.ndarray]:
             "source": [f"s3://bucket/in/{key}" for key, _, _ in rows],
             "bytes": [data for _, data, _ in rows],
             "error": [error for _, _, error in rows],
+            "shard_images": list(range(len(rows))),
         },
         schema=READ_SCHEMA,
     )
@@ -47,13 +48,15 @@ def _check_columns(out: dict, rows: list, size) -> None:
     assert list(out["key"]) == [key for key, _, _ in rows]
     assert list(out["source"]) == [f"s3://bucket/in/{key}" for key, _, _ in rows]
     assert out["status"].shape == out["error"].shape == (n,)
+    assert out["status"].dtype.kind == out["error"].dtype.kind == "U"  # typed, never object arrays of None
+    assert list(out["shard_images"]) == list(range(n))  # passed through
     assert out["width"].dtype == out["height"].dtype == np.int64
     assert out["width"].shape == out["height"].shape == (n,)
     assert out["pixels"].dtype == np.uint8 and out["pixels"].shape == (n, *size, 3)
     for i in range(n):
         assert out["status"][i] in ("ok", "error")
         if out["status"][i] == "ok":
-            assert out["error"][i] is None
+            assert out["error"][i] == ""
             assert out["width"][i] > 0 and out["height"][i] > 0
         else:
             assert isinstance(out["error"][i], str) and out["error"][i]
@@ -89,7 +92,7 @@ def test_good_jpeg_and_png():
     png = _encode(_photo(17, 53, 2), "PNG")
     out = _run([("a.jpg", jpeg, None), ("b/c.png", png, None)])
     assert list(out["status"]) == ["ok", "ok"]
-    assert list(out["error"]) == [None, None]
+    assert list(out["error"]) == ["", ""]
     assert (out["width"].tolist(), out["height"].tolist()) == ([40, 17], [30, 53])
     np.testing.assert_array_equal(out["pixels"][0], _prepared(jpeg))
     np.testing.assert_array_equal(out["pixels"][1], prepare_image(_photo(17, 53, 2), SIZE))

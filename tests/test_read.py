@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline import read
 from pipeline.config import InputConfig
-from pipeline.read import InputError, count_inputs, list_inputs, read_inputs
+from pipeline.read import InputError, count_inputs, list_inputs, pending_inputs, read_inputs
 
 
 def png(shade: int) -> bytes:
@@ -77,7 +77,18 @@ def rows_by_key(dataset) -> dict[str, dict]:
 
 
 def keys_of(store: Store, uri, fmt: str = "auto") -> list[str]:
-    return [file.key for file in list_inputs(InputConfig(uri=uri, format=fmt), store.options)]
+    return list_inputs(InputConfig(uri=uri, format=fmt), store.options)["key"].to_pylist()
+
+
+def read_all(config: InputConfig, options: dict, skip: set[str] = frozenset()):
+    """The read stage over every listed input, skipping the keys in `skip`."""
+    work = pending_inputs(list_inputs(config, options), pa.array(sorted(skip), pa.string()))
+    return read_inputs(work, image_column=config.image_column, storage_options=options)
+
+
+def count(config: InputConfig, options: dict, skip: set[str]) -> read.InputCount:
+    listing = list_inputs(config, options)
+    return count_inputs(listing, config.image_column, options, done=pa.array(sorted(skip), pa.string()))
 
 
 def test_loose_files_in_nested_folders(store, ray_session):
@@ -88,8 +99,8 @@ def test_loose_files_in_nested_folders(store, ray_session):
     store.put("sub/.hidden.png", png(5))
     config = InputConfig(uri=store.root)
 
-    assert count_inputs(config, store.options, skip_keys={"a.png"}) == read.InputCount(4, 4, 1)
-    dataset = read_inputs(config, store.options)
+    assert count(config, store.options, {"a.png"}) == read.InputCount(4, 4, 1)
+    dataset = read_all(config, store.options)
     store.remove("sub/deep/gone.png")  # listed, then gone before the read: an error row
     rows = rows_by_key(dataset)
 
@@ -141,8 +152,8 @@ def test_webdataset_shards(store, ray_session):
     config = InputConfig(uri=store.root)
     skip = {"shards/000.tar/0002.png"}
 
-    assert count_inputs(config, store.options, skip_keys=skip) == read.InputCount(4, 4 + 1 + 1 + 1, 1)
-    rows = rows_by_key(read_inputs(config, store.options, skip_keys=skip))
+    assert count(config, store.options, skip) == read.InputCount(4, 4 + 1 + 1 + 1, 1)
+    rows = rows_by_key(read_all(config, store.options, skip))
 
     expected = {
         "shards/000.tar/0001.jpg": png(1),
@@ -180,8 +191,8 @@ def test_parquet_shards_raw_bytes_and_hf_struct(store, ray_session):
     config = InputConfig(uri=store.uri("pq"), format="parquet")
     skip = {"raw.parquet/0", "raw.parquet/1", "raw.parquet/3"}  # row group 0 entirely, one row of group 1
 
-    assert count_inputs(config, store.options, skip_keys=skip) == read.InputCount(3, 5 + 3 + 1, 3)
-    rows = rows_by_key(read_inputs(config, store.options, skip_keys=skip))
+    assert count(config, store.options, skip) == read.InputCount(3, 5 + 3 + 1, 3)
+    rows = rows_by_key(read_all(config, store.options, skip))
 
     assert set(rows) == {
         "raw.parquet/2",
@@ -203,8 +214,8 @@ def test_skip_keys_drop_loose_files_before_reading(tmp_path, ray_session):
     for i in range(3):
         store.put(f"{i}.png", png(i))
     config = InputConfig(uri=store.root)
-    assert set(rows_by_key(read_inputs(config, {}, skip_keys={"0.png", "2.png"}))) == {"1.png"}
-    everything_done = read_inputs(config, {}, skip_keys={"0.png", "1.png", "2.png"})
+    assert set(rows_by_key(read_all(config, {}, {"0.png", "2.png"}))) == {"1.png"}
+    everything_done = read_all(config, {}, {"0.png", "1.png", "2.png"})
     assert everything_done.count() == 0 and everything_done.schema().names == read.READ_SCHEMA.names
 
 

@@ -1,4 +1,5 @@
-"""Write stage: labels/ and masks/ on local disk and S3, one table for pyarrow/pandas/DuckDB, resume."""
+"""Write stage and resume index: labels/ and masks/ on local disk and S3, one table for pyarrow/pandas/DuckDB,
+cleaning that keeps each key once."""
 
 from __future__ import annotations
 
@@ -16,17 +17,11 @@ import pytest
 import ray.data
 from PIL import Image
 
-from pipeline.write import (
-    LABELS_SCHEMA,
-    LabelWriter,
-    clean_labels,
-    completed_keys,
-    labels_file_name,
-    prepare_output,
-    write_job_files,
-)
+from pipeline.resume import clean_labels, done_keys, read_index
+from pipeline.write import LABELS_SCHEMA, LabelWriter, labels_file_name, prepare_output, write_job_files
 
 START = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+MODEL, PROMPT_SET = "seggpt-test", "prompts-test"
 
 
 def mask_png(shade: int) -> bytes:
@@ -49,9 +44,10 @@ def result(key: str, ok: bool = True, at: datetime = START) -> dict:
         "class_ids": [0, 1] if ok else [],
         "pixel_counts": [40, 24] if ok else [],
         "score": 0.75 if ok else None,
-        "model": "seggpt-test",
-        "prompt_set": "prompts-test",
+        "model": MODEL,
+        "prompt_set": PROMPT_SET,
         "labeled_at": at,
+        "shard_images": None,
     }
 
 
@@ -85,20 +81,31 @@ def assert_each_key_once(uri: str, options: dict, keys: set[str], status: str = 
     assert set(table["status"].to_pylist()) == {status}
 
 
+def clean(uri: str, options: dict) -> set[str]:
+    """Run the cleaning on the output as it is; returns the keys done (ok) afterwards."""
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    index = clean_labels(fs, root, read_index(fs, root), MODEL, PROMPT_SET)
+    return set(done_keys(index.table(), MODEL, PROMPT_SET).to_pylist())
+
+
+def done(uri: str, options: dict) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    return set(done_keys(read_index(fs, root).table(), MODEL, PROMPT_SET).to_pylist())
+
+
 def test_labels_read_back_as_one_table(output):
     uri, options = output
     writer = LabelWriter(uri, options, png=True)
     mixed = [result("a.jpg"), result("dir/b.png"), result("c.jpg", ok=False)]
     errors_only = [result("shard.tar/0001.jpg", ok=False), result("d.jpg", ok=False)]
-    assert writer(batch(mixed)).to_pylist() == [
-        {"key": "a.jpg", "status": "ok"},
-        {"key": "dir/b.png", "status": "ok"},
-        {"key": "c.jpg", "status": "error"},
+    assert writer(batch(mixed)).to_pylist() == [  # ok rows and error rows go to files of their own
+        {"file": labels_file_name(["a.jpg", "dir/b.png"]), "rows": 2, "ok": 2},
+        {"file": labels_file_name(["c.jpg"]), "rows": 1, "ok": 0},
     ]
     writer(batch(errors_only))
 
     files = label_files(uri, options)
-    assert len(files) == 2 and all(file.rsplit("/", 1)[1].startswith("part-") for file in files)
+    assert len(files) == 3 and all(file.rsplit("/", 1)[1].startswith("part-") for file in files)
     fs, root = fsspec.core.url_to_fs(uri, **options)
     for file in files:
         with fs.open(file, "rb") as handle:
@@ -156,34 +163,31 @@ def test_ray_map_batches_writes_every_row_once(tmp_path, ray_session):
         )
         .take_all()
     )
-    assert sorted(row["key"] for row in written) == sorted(row["key"] for row in rows)
+    assert sum(row["rows"] for row in written) == 20 and sum(row["ok"] for row in written) == 16
     table = read_labels(uri, {})
     assert sorted(table["key"].to_pylist()) == sorted(row["key"] for row in rows)
     assert table["status"].to_pylist().count("error") == 4
     assert set(table["labeled_at"].to_pylist()) == {START}
-    assert all(file.endswith(".parquet") for file in label_files(uri, {}))
+    assert sorted(file.rsplit("/", 1)[1] for file in label_files(uri, {})) == sorted(row["file"] for row in written)
 
 
-def test_resume_relabels_error_rows_and_keeps_every_key_once(output):
+def test_relabelled_error_rows_leave_each_key_once(output):
     uri, options = output
     keys = [f"{i}.jpg" for i in range(6)]
     writer = LabelWriter(uri, options)
     writer(batch([result(key, ok=key not in {"1.jpg", "4.jpg"}) for key in keys[:3]]))
     writer(batch([result(key, ok=key != "4.jpg") for key in keys[3:]]))
-    write_job_files(uri, options, {"run": 1}, success=True)
-    assert completed_keys(uri, options) == set(keys) - {"1.jpg", "4.jpg"}
-
-    skip = prepare_output(uri, options, resume=True)
-    fs, root = fsspec.core.url_to_fs(uri, **options)
-    assert skip == set(keys) - {"1.jpg", "4.jpg"}
-    assert not fs.exists(f"{root}/_SUCCESS")
-    assert_each_key_once(uri, options, skip)  # error rows are gone, ok rows are all still there
+    assert done(uri, options) == set(keys) - {"1.jpg", "4.jpg"}
+    big_files = set(label_files(uri, options)) - {
+        f"{fsspec.core.url_to_fs(uri, **options)[1]}/labels/{labels_file_name([key])}" for key in ["1.jpg", "4.jpg"]
+    }
 
     later = START + timedelta(hours=1)
-    writer(batch([result(key, at=later) for key in ["1.jpg", "4.jpg"]]))
-    assert clean_labels(uri, options, drop_errors=False) == set(keys)
+    writer(batch([result(key, at=later) for key in ["1.jpg", "4.jpg"]]))  # the resumed run relabels them
+    assert clean(uri, options) == set(keys)
     assert_each_key_once(uri, options, set(keys))
-    assert completed_keys(uri, options) == set(keys)
+    assert big_files <= set(label_files(uri, options))  # only the small error files were removed
+    assert done(uri, options) == set(keys)
 
 
 def test_error_rows_stay_until_relabelled_and_duplicates_keep_the_latest(tmp_path):
@@ -191,10 +195,21 @@ def test_error_rows_stay_until_relabelled_and_duplicates_keep_the_latest(tmp_pat
     writer = LabelWriter(uri, {})
     writer(batch([result("a.jpg", ok=False), result("b.jpg")]))
     writer(batch([result("a.jpg", ok=False, at=START + timedelta(1)), result("c.jpg")]))  # "a.jpg" twice
-    assert clean_labels(uri, {}, drop_errors=False) == {"b.jpg", "c.jpg"}
+    assert clean(uri, {}) == {"b.jpg", "c.jpg"}
     rows = {row["key"]: row for row in read_labels(uri, {}).to_pylist()}
     assert sorted(rows) == ["a.jpg", "b.jpg", "c.jpg"]
     assert rows["a.jpg"]["status"] == "error" and rows["a.jpg"]["labeled_at"] == START + timedelta(1)
+
+
+def test_rows_of_this_model_win_over_newer_rows_of_another(tmp_path):
+    uri = str(tmp_path / "out")
+    writer = LabelWriter(uri, {})
+    writer(batch([result("a.jpg"), result("b.jpg")]))
+    newer_other_model = [{**result("a.jpg", at=START + timedelta(1)), "model": "another"}]
+    writer(batch(newer_other_model))
+    assert clean(uri, {}) == {"a.jpg", "b.jpg"}
+    rows = {row["key"]: row for row in read_labels(uri, {}).to_pylist()}
+    assert sorted(rows) == ["a.jpg", "b.jpg"] and rows["a.jpg"]["model"] == MODEL
 
 
 def key_set(prefix: str, new_file_sorts_first: bool) -> list[str]:
@@ -211,20 +226,19 @@ def test_resume_after_a_kill_inside_the_cleaning(output, new_file_sorts_first):
     uri, options = output
     a, b, c = key_set("k", new_file_sorts_first)
     writer = LabelWriter(uri, options)
-    writer(batch([result(a), result(b), result(c, ok=False)]))
+    writer(batch([result(a), result(b), result(c)]))
     writer(batch([result("other.jpg")]))
+    writer(batch([result(c, at=START + timedelta(1))]))  # c relabelled: the old file must lose it
     writer(batch([result(a), result(b)]))  # exactly what the cleaning writes first for that file
-    assert len(label_files(uri, options)) == 3
+    assert len(label_files(uri, options)) == 4
 
-    assert prepare_output(uri, options, resume=True) == {a, b, "other.jpg"}
-    assert_each_key_once(uri, options, {a, b, "other.jpg"})
-    files = label_files(uri, options)
-    assert prepare_output(uri, options, resume=True) == {a, b, "other.jpg"}  # again: no change
-    assert label_files(uri, options) == files
-
-    writer(batch([result(c)]))
-    assert clean_labels(uri, options, drop_errors=False) == {a, b, c, "other.jpg"}
+    assert clean(uri, options) == {a, b, c, "other.jpg"}
     assert_each_key_once(uri, options, {a, b, c, "other.jpg"})
+    files = label_files(uri, options)
+    assert clean(uri, options) == {a, b, c, "other.jpg"}  # again: no change
+    assert label_files(uri, options) == files
+    rows = {row["key"]: row for row in read_labels(uri, options).to_pylist()}
+    assert rows[c]["labeled_at"] == START + timedelta(1)
 
 
 def test_job_files_and_starting_over(output):
@@ -241,7 +255,7 @@ def test_job_files_and_starting_over(output):
     assert names - {"_staging"} == {"_SUCCESS", "_job.json", "labels", "masks"}
     assert fs.find(f"{root}/_staging") == []  # no staging leftovers
 
-    assert prepare_output(uri, options, resume=False) == set()
+    prepare_output(fs, root, resume=False)
     fs.invalidate_cache()
     assert not any(fs.exists(f"{root}/{name}") for name in ["_SUCCESS", "labels", "masks"])
-    assert completed_keys(uri, options) == set()
+    assert done(uri, options) == set()

@@ -1,0 +1,122 @@
+"""A lease on an output: one run at a time writes to it.
+
+`_lease.json` under the output names its holder (host, pid, run id) and when it expires. It is created
+with a create-if-absent write (`open(..., "x")` locally; a PUT with `If-None-Match: *` on S3), so of two
+runs that start at once exactly one gets it. The holder renews it every `ttl_s / 4` seconds from a
+thread and deletes it at the end. A lease is stale, and taken over, once it has expired (its holder
+stopped renewing: killed, or cut off from the store) or when its holder ran on this host and its
+process is gone (a killed driver restarted on the same machine need not wait).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+LEASE_FILE = "_lease.json"
+DEFAULT_TTL_S = 120.0
+
+
+class OutputError(ValueError):
+    """The output cannot take this run: another run holds it, or it holds labels this run would mix with."""
+
+
+class OutputLease:
+    """Context manager holding the lease of `root` on `fs` for the duration of a run."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, uri: str, *, ttl_s: float = DEFAULT_TTL_S):
+        self.fs, self.path, self.uri, self.ttl_s = fs, f"{root}/{LEASE_FILE}", uri, ttl_s
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex,
+                       "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="output-lease", daemon=True)
+
+    def __enter__(self) -> OutputLease:
+        if not self._create():
+            current = self._read()
+            if current is not None and not _stale(current):
+                raise OutputError(
+                    f"output.uri {self.uri}: in use by another run (host {current.get('host')}, pid "
+                    f"{current.get('pid')}, started {current.get('started_at')}); its lease {LEASE_FILE} "
+                    f"expires {_when(current.get('expires_at'))} unless renewed"
+                )
+            self.fs.rm_file(self.path)  # stale: take it over
+            if not self._create():
+                raise OutputError(f"output.uri {self.uri}: another run took the lease {LEASE_FILE} just now")
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._renewer.is_alive():
+            self._renewer.join()
+        current = self._read()
+        if current is not None and current.get("run") == self.holder["run"]:
+            self.fs.rm_file(self.path)
+
+    def _content(self) -> bytes:
+        return json.dumps({**self.holder, "expires_at": time.time() + self.ttl_s}).encode()
+
+    def _create(self) -> bool:
+        """Write the lease only where none exists; whether it was written."""
+        self.fs.makedirs(self.path.rpartition("/")[0], exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):
+            try:
+                with open(self.path, "xb") as file:
+                    file.write(self._content())
+                return True
+            except FileExistsError:
+                return False
+        try:
+            self.fs.pipe_file(self.path, self._content(), mode="create")
+            return True
+        except (FileExistsError, OSError) as error:
+            if "PreconditionFailed" in str(error) or isinstance(error, FileExistsError):
+                return False
+            raise
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a lease cut short in writing: treat as expired
+            return {}
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                current = self._read()
+                if current is None or current.get("run") == self.holder["run"]:
+                    self.fs.pipe_file(self.path, self._content())
+            except OSError:
+                pass  # the store is unreachable for now: try again at the next tick
+
+
+def _stale(lease: dict[str, Any]) -> bool:
+    if float(lease.get("expires_at", 0)) < time.time():
+        return True
+    if lease.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lease["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+    return False
+
+
+def _when(epoch: Any) -> str:
+    try:
+        return datetime.fromtimestamp(float(epoch), timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError):
+        return "at an unknown time"

@@ -1,0 +1,150 @@
+"""What an output already holds: the resume index of `labels/`, and the cleaning that keeps each key once.
+
+The index holds, for every row of every labels file, the few columns resume needs (`INDEX_COLUMNS`:
+no mask bytes). Each file is read with a column projection and without read-ahead (`cache_type="none"`),
+so a read fetches the Parquet footer and the small column chunks, not the whole file; files are read
+in parallel. A run reads the index once before it starts and, after it ends, only the files it does not
+know yet (those it wrote, and any a retried task left behind).
+
+Which row of a key wins, when a key is in `labels/` more than once (an error row relabelled, a row
+relabelled by another model, a retried write that re-batched): an `ok` row, then one made by this run's
+model and prompt set, then the latest `labeled_at`, then the greatest file name and position, so that
+a repeated cleaning agrees. The cleaning writes a file's winners to a new file (named from its keys)
+before it deletes the old one, and never deletes a file it has just written: a kill at any point
+leaves every winner in at least one file, and the next cleaning finishes the job. Error rows sit in
+files of their own (see `LabelWriter`), so dropping them rewrites small files, never the mask bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.read import shard_of
+from pipeline.write import LABELS_DIR, LABELS_SCHEMA, labels_file_name, parquet_bytes, write_atomically
+
+INDEX_COLUMNS = ("key", "status", "model", "prompt_set", "labeled_at", "shard_images")
+_INDEX_SCHEMA = pa.schema([LABELS_SCHEMA.field(name) for name in INDEX_COLUMNS])
+_THREADS = 16
+
+
+@dataclass
+class LabelsIndex:
+    """The index rows of each labels file, by the file's path."""
+
+    files: dict[str, pa.Table] = field(default_factory=dict)
+
+    def table(self) -> pa.Table:
+        """All rows, with `file` (position of the file's path in sorted order) and `row` (position in the file)."""
+        paths = sorted(self.files)
+        parts = [
+            self.files[path]
+            .append_column("file", pa.array(np.full(self.files[path].num_rows, i, np.int32)))
+            .append_column("row", pa.array(np.arange(self.files[path].num_rows, dtype=np.int32)))
+            for i, path in enumerate(paths)
+        ]
+        empty = _INDEX_SCHEMA.empty_table().append_column("file", pa.array([], pa.int32()))
+        return pa.concat_tables([empty.append_column("row", pa.array([], pa.int32())), *parts])
+
+    @property
+    def num_rows(self) -> int:
+        return sum(table.num_rows for table in self.files.values())
+
+
+def read_index(fs: fsspec.AbstractFileSystem, root: str, known: LabelsIndex | None = None) -> LabelsIndex:
+    """The index of `labels/` as it is now; files already in `known` are not read again."""
+    known = known or LabelsIndex()
+    fs.invalidate_cache()
+    folder = f"{root}/{LABELS_DIR}"
+    paths = sorted(path for path in fs.find(folder) if path.endswith(".parquet")) if fs.exists(folder) else []
+    fs.invalidate_cache()
+    new = [path for path in paths if path not in known.files]
+    with ThreadPoolExecutor(_THREADS) as pool:
+        read = dict(zip(new, pool.map(lambda path: _read_file_index(fs, path), new)))
+    return LabelsIndex({path: known.files.get(path) or read[path] for path in paths})
+
+
+def _read_file_index(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    with fs.open(path, "rb", cache_type="none") as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=True)
+        present = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
+    columns = [table[name] if name in present else pa.nulls(table.num_rows, _INDEX_SCHEMA.field(name).type)
+               for name in INDEX_COLUMNS]  # outputs written before a column existed have nulls there
+    return pa.Table.from_arrays(columns, schema=_INDEX_SCHEMA)
+
+
+def done_keys(index: pa.Table, model: str, prompt_set: str) -> pa.Array:
+    """The keys (sorted, once each) that have an ok row made by this model and prompt set."""
+    made_here = pc.and_(pc.equal(index["model"], model), pc.equal(index["prompt_set"], prompt_set))
+    ok = index.filter(pc.and_(pc.equal(index["status"], "ok"), made_here))
+    return pc.unique(ok["key"]).sort()
+
+
+def shard_images(index: pa.Table) -> pa.Table:
+    """(`shard`, `images`): the image count of each shard that a row of `labels/` knows."""
+    known = index.filter(pc.is_valid(index["shard_images"]))
+    shards = pa.table({"shard": shard_of(known["key"]), "images": known["shard_images"]})
+    counts = shards.filter(pc.is_valid(shards["shard"])).group_by("shard").aggregate([("images", "max")])
+    return counts.rename_columns(["shard", "images"])
+
+
+def foreign_labels(index: pa.Table, model: str, prompt_set: str) -> list[dict]:
+    """The ok rows made by another model or prompt set: [{model, prompt_set, rows}], most rows first."""
+    other = pc.or_(pc.not_equal(index["model"], model), pc.not_equal(index["prompt_set"], prompt_set))
+    rows = index.filter(pc.and_(pc.equal(index["status"], "ok"), pc.fill_null(other, True)))
+    groups = rows.group_by(["model", "prompt_set"]).aggregate([("key", "count")])
+    return sorted(
+        ({"model": g["model"], "prompt_set": g["prompt_set"], "rows": g["key_count"]} for g in groups.to_pylist()),
+        key=lambda group: -group["rows"],
+    )
+
+
+def clean_labels(
+    fs: fsspec.AbstractFileSystem, root: str, index: LabelsIndex, model: str, prompt_set: str
+) -> LabelsIndex:
+    """Leave each key in `labels/` once (the winner, see the module docstring); returns the new index."""
+    table = index.table()
+    if table.num_rows == 0:
+        return index
+    made_here = pc.and_(pc.equal(table["model"], model), pc.equal(table["prompt_set"], prompt_set))
+    table = table.append_column("not_ok", pc.not_equal(table["status"], "ok"))
+    table = table.append_column("not_here", pc.invert(pc.fill_null(made_here, False)))
+    order = table.sort_by(
+        [("key", "ascending"), ("not_ok", "ascending"), ("not_here", "ascending"),
+         ("labeled_at", "descending"), ("file", "descending"), ("row", "descending")]
+    )
+    keys = order["key"].combine_chunks()
+    first = np.ones(len(keys), dtype=bool)
+    if len(keys) > 1:
+        first[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+    losers = order.filter(pa.array(~first))
+    if losers.num_rows == 0:
+        return index
+    paths = sorted(index.files)
+    lost_rows: dict[str, set[int]] = {}
+    for file, row in zip(losers["file"].to_pylist(), losers["row"].to_pylist()):
+        lost_rows.setdefault(paths[file], set()).add(row)
+    rewrites = {path: rows for path, rows in lost_rows.items() if len(rows) < index.files[path].num_rows}
+
+    def rewrite(path: str) -> tuple[str, pa.Table]:
+        full = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        kept = full.take(sorted(set(range(full.num_rows)) - rewrites[path]))
+        target = f"{root}/{LABELS_DIR}/{labels_file_name(kept['key'].to_pylist())}"
+        write_atomically(fs, root, target, parquet_bytes(kept))
+        return target, kept.select(list(INDEX_COLUMNS))
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        written = dict(pool.map(rewrite, sorted(rewrites)))
+        doomed = [path for path in lost_rows if path not in written]
+        list(pool.map(fs.rm_file, doomed))
+    files = {path: rows for path, rows in index.files.items() if path not in lost_rows}
+    return LabelsIndex({**files, **{path: rows.cast(_INDEX_SCHEMA) for path, rows in written.items()}})
+
