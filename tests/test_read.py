@@ -239,3 +239,38 @@ def test_transient_errors_are_retried_permanent_ones_are_not(monkeypatch):
     with pytest.raises(FileNotFoundError):
         read._with_retries(missing)
     assert len(calls) == 1
+
+
+def test_shard_rows_carry_the_shard_image_count(store, ray_session):
+    members = [(f"{i:04d}.png", png(i)) for i in range(5)] + [("0001.cls", b"3")]
+    store.put("a.tar", tar_bytes(members))
+    store.put("b.parquet", parquet_bytes(pa.table({"image": pa.array([png(i) for i in range(3)], pa.binary())}), 2))
+    config = InputConfig(uri=store.root)
+
+    rows = rows_by_key(read_all(config, store.options, {"a.tar/0004.png"}))  # the last member done before
+    counts = {key: row["shard_images"] for key, row in rows.items()}
+    assert counts == {"a.tar/0000.png": 0, "a.tar/0001.png": 0, "a.tar/0002.png": 0, "a.tar/0003.png": 5,
+                      "b.parquet/0": 3, "b.parquet/1": 3, "b.parquet/2": 3}
+
+
+def test_pending_inputs_drop_finished_shards_and_done_files():
+    listing = pa.table(
+        {
+            "key": ["a.jpg", "b.jpg", "dir.tar/x/0.jpg", "s.tar", "t.parquet", "u.tar"],
+            "source": ["file:///d/a.jpg", "file:///d/b.jpg", "file:///d/dir.tar/x/0.jpg", "file:///d/s.tar",
+                       "file:///d/t.parquet", "file:///d/u.tar"],
+            "kind": ["images", "images", "images", "webdataset", "parquet", "webdataset"],
+        },
+        schema=read.LISTING_SCHEMA,
+    )
+    done = pa.array(sorted(["a.jpg", "dir.tar/x/0.jpg", "s.tar/0.jpg", "s.tar/d/1.jpg", "t.parquet/0",
+                            "t.parquet/1", "u.tar/0.jpg", "gone.tar/0.jpg"]))
+    images = pa.table({"shard": ["s.tar", "t.parquet", "u.tar"], "images": pa.array([2, 3, 1], pa.int64())})
+
+    work = pending_inputs(listing, done, images).to_pylist()
+    assert [(item["key"], sorted(item["skip"])) for item in work] == [
+        ("t.parquet", ["t.parquet/0", "t.parquet/1"]),  # 2 of its 3 rows done: read, passing over them
+        ("b.jpg", []),
+    ]  # s.tar and u.tar have every image done: not opened; done loose files dropped
+    unknown_count = pending_inputs(listing, done).to_pylist()  # without counts, no shard can be known finished
+    assert [item["key"] for item in unknown_count] == ["s.tar", "t.parquet", "u.tar", "b.jpg"]
