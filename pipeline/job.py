@@ -149,10 +149,7 @@ def autolabel(
         index = before.table()
         if output.on_mismatch == "refuse":
             _refuse_foreign_labels(index, model, prompt_set, output.uri)
-        done = done_keys(index, model, prompt_set)
-        work = pending_inputs(job.inputs, done, shard_images(index))
-        listed = job.inputs["key"]
-        summary.skipped = pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
+        work, summary.skipped = _pending_work(job, index)
         prepare_output(fs, root, resume=output.resume)
         log(f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
             f"{work.num_rows} files or shards to read")
@@ -166,7 +163,7 @@ def autolabel(
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
             num_cpus=_CPU_STAGE_CPUS,
         )
-        write_job_files(output.uri, options, _job_info(job, summary, started, runs), success=False)
+        write_job_files(output.uri, options, _job_info(job, summary, started, runs, completed=False), success=False)
         start = last_report = time.monotonic()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             ok = pc.sum(batch["ok"]).as_py() or 0
@@ -178,9 +175,17 @@ def autolabel(
                 log(f"progress: {summary}")
         summary.seconds = time.monotonic() - start
         after = clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set)
-        summary.added = _added(before, after)
-        write_job_files(output.uri, options, _job_info(job, summary, started, runs), success=True)
+        summary.added = _added(index["key"], after)
+        write_job_files(output.uri, options, _job_info(job, summary, started, runs, completed=True), success=True)
     return summary
+
+
+def _pending_work(job: Plan, index: pa.Table) -> tuple[pa.Table, int]:
+    """The work items of a run over `job`'s inputs, given the index of the output, and the images done before."""
+    done = done_keys(index, job.model_fingerprint, job.prompts.fingerprint)
+    listed = job.inputs["key"]
+    skipped = pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
+    return pending_inputs(job.inputs, done, shard_images(index)), skipped
 
 
 def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: str) -> None:
@@ -195,10 +200,10 @@ def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: st
         )
 
 
-def _added(before: LabelsIndex, after: LabelsIndex) -> int:
-    """How many keys are in `after` and were not in `before`."""
-    old, new = before.table()["key"].combine_chunks(), after.table()["key"].combine_chunks()
-    return pc.sum(pc.invert(pc.is_in(new, value_set=old))).as_py() or 0
+def _added(keys_before: pa.ChunkedArray, after: LabelsIndex) -> int:
+    """How many keys are in `after` and were not among `keys_before`."""
+    new = after.table()["key"]
+    return pc.sum(pc.invert(pc.is_in(new, value_set=keys_before.combine_chunks()))).as_py() or 0
 
 
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -238,7 +243,9 @@ def _fingerprint(uri: str, model_config: SegGptConfig, storage_options: dict[str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _job_info(job: Plan, summary: Summary, started: datetime, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _job_info(
+    job: Plan, summary: Summary, started: datetime, runs: list[dict[str, Any]], *, completed: bool
+) -> dict[str, Any]:
     """`_job.json`: this run's config, classes, fingerprints and counts, and `runs`, the history of every run."""
     import numpy
     import torch
@@ -250,6 +257,7 @@ def _job_info(job: Plan, summary: Summary, started: datetime, runs: list[dict[st
         "model_fingerprint": job.model_fingerprint,
         "prompt_set_fingerprint": job.prompts.fingerprint,
         "resume": job.config.output.resume,
+        "completed": completed,
         "counts": {"ok": summary.ok, "error": summary.error, "skipped": summary.skipped, "added": summary.added},
     }
     return {

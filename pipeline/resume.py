@@ -74,10 +74,13 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str, known: LabelsIndex | No
 def _read_file_index(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
     with fs.open(path, "rb", cache_type="none") as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=True)
-        present = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
-        table = parquet.read(columns=present)
-    columns = [table[name] if name in present else pa.nulls(table.num_rows, _INDEX_SCHEMA.field(name).type)
-               for name in INDEX_COLUMNS]  # outputs written before a column existed have nulls there
+        return _index_rows(parquet.read(columns=[name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]))
+
+
+def _index_rows(table: pa.Table) -> pa.Table:
+    """The index columns of labels rows; columns that files written before they existed lack are null."""
+    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
+               for name, field in zip(INDEX_COLUMNS, _INDEX_SCHEMA)]
     return pa.Table.from_arrays(columns, schema=_INDEX_SCHEMA)
 
 
@@ -139,12 +142,12 @@ def clean_labels(
         kept = full.take(sorted(set(range(full.num_rows)) - rewrites[path]))
         target = f"{root}/{LABELS_DIR}/{labels_file_name(kept['key'].to_pylist())}"
         write_atomically(fs, root, target, parquet_bytes(kept))
-        return target, kept.select(list(INDEX_COLUMNS))
+        return target, _index_rows(kept)
 
     with ThreadPoolExecutor(_THREADS) as pool:
         written = dict(pool.map(rewrite, sorted(rewrites)))
         doomed = [path for path in lost_rows if path not in written]
         list(pool.map(fs.rm_file, doomed))
     files = {path: rows for path, rows in index.files.items() if path not in lost_rows}
-    return LabelsIndex({**files, **{path: rows.cast(_INDEX_SCHEMA) for path, rows in written.items()}})
+    return LabelsIndex({**files, **written})
 

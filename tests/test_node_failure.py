@@ -106,5 +106,5 @@ def test_worker_node_dies_mid_run(tmp_path):
     assert sorted(keys) == [f"{i:03d}.jpg" for i in range(count)]  # every key, each exactly once
     assert set(table["status"].to_pylist()) == {"ok"}
     assert (output / "_SUCCESS").exists()
-    assert json.loads((output / "_job.json").read_text())["counts"] == {"ok": count, "error": 0, "skipped": 0}
+    assert json.loads((output / "_job.json").read_text())["counts"] == {"ok": count, "error": 0, "skipped": 0, "added": count}
     assert len(list((output / "masks").glob("*.png"))) == count

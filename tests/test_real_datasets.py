@@ -4,28 +4,27 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from jobs.autolabel import main as cli
 from model.processing import decode_png
 from pipeline.job import autolabel
 from test_job import CLASSES, REPO, TINY, encoded, expected_map, job_config, make_assets, picture, read_labels
+from test_read import tar_bytes
 
 BAD = b"this is a text file, not a JPEG\n"
 
@@ -45,14 +44,8 @@ def write_shards(folder: Path, kind: str, first: int, count: int, per_shard: int
     for start in range(first, first + count, per_shard):
         members = [(f"{i:04d}.jpg", BAD if i == bad_at else small_jpeg(i)) for i in range(start, min(start + per_shard, first + count))]
         if kind == "webdataset":
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w") as tar:
-                for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
             shard = f"shard-{start:04d}.tar"
-            (folder / shard).write_bytes(buffer.getvalue())
+            (folder / shard).write_bytes(tar_bytes(members))
             keys.update({f"{shard}/{name}": data for name, data in members})
         else:
             shard = f"shard-{start:04d}.parquet"
@@ -88,7 +81,7 @@ def test_one_bad_image_among_hundreds_and_a_resume(kind, assets, tmp_path, ray_s
     assert cli(["run", str(path)]) == 0
     table = read_labels(str(output), {})
     assert sorted(table["key"].to_pylist()) == sorted(keys)
-    errors = table.filter(pa.compute.equal(table["status"], "error"))
+    errors = table.filter(pc.equal(table["status"], "error"))
     assert errors["key"].to_pylist() == [key for key, data in keys.items() if data == BAD]
     assert len(list((output / "labels").glob("*.parquet"))) > 2  # ok rows span several files, the error its own
 
@@ -97,7 +90,7 @@ def test_one_bad_image_among_hundreds_and_a_resume(kind, assets, tmp_path, ray_s
     summary = autolabel(str(path), log=lines.append)
     table = read_labels(str(output), {})
     assert table.num_rows == len(keys) == 651 and sorted(table["key"].to_pylist()) == sorted(keys)
-    assert sorted(table.filter(pa.compute.equal(table["status"], "error"))["key"].to_pylist()) == sorted(
+    assert sorted(table.filter(pc.equal(table["status"], "error"))["key"].to_pylist()) == sorted(
         key for key, data in keys.items() if data == BAD
     )
     assert summary.skipped == 600 and (summary.ok, summary.error) == (49, 2)  # the old bad file is tried again
@@ -155,7 +148,9 @@ def other_checkpoint(assets: Path, root: Path) -> Path:
     return folder
 
 
-def test_resume_refuses_labels_of_another_model_or_prompt_set_and_relabels_on_request(assets, tmp_path, ray_session):
+def test_resume_refuses_labels_of_another_model_or_prompt_set_and_relabels_on_request(
+    assets, tmp_path, ray_session, capsys
+):
     data, output = tmp_path / "data", tmp_path / "out"
     keys = write_inputs(data, "images", 0, 15, bad_at=-1)  # 0000.jpg ... 0014.jpg
     model_a = job_config(assets, str(data / "000*.jpg"), str(output), {})  # 0000..0009
@@ -166,14 +161,12 @@ def test_resume_refuses_labels_of_another_model_or_prompt_set_and_relabels_on_re
     model_b = {**model_a, "model": {"checkpoint": str(checkpoint_b)}}
     path = tmp_path / "b.yaml"
     path.write_text(yaml.safe_dump({**model_b, "input": {"uri": str(data)}}))
-    refused = cli(["run", str(path)])
-    assert refused == 2 and tree_digest(output) == before
+    capsys.readouterr()
+    assert cli(["run", str(path)]) == 2 and tree_digest(output) == before  # refused; the output untouched
     fingerprint_a = json.loads((output / "_job.json").read_text())["model_fingerprint"]
-
-    result = run_cli("run", str(path))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert f"made by model {fingerprint_a}" in result.stderr and "this run has model " in result.stderr
-    assert "output.on_mismatch=relabel" in result.stderr
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and f"10 labels there were made by model {fingerprint_a} with prompt set" in message
+    assert "this run has model " in message and "output.on_mismatch=relabel" in message
 
     prompts_b = tmp_path / "prompts-b"
     prompts_b.mkdir()
@@ -182,8 +175,10 @@ def test_resume_refuses_labels_of_another_model_or_prompt_set_and_relabels_on_re
             (prompts_b / file.name).write_bytes(file.read_bytes())
     path_p = tmp_path / "p.yaml"
     path_p.write_text(yaml.safe_dump({**model_a, "prompts": {"uri": str(prompts_b), "classes": CLASSES}}))
-    result = run_cli("run", str(path_p))
-    assert result.returncode == 2 and "with prompt set" in result.stderr and tree_digest(output) == before
+    assert cli(["run", str(path_p)]) == 2 and tree_digest(output) == before
+    prompt_set_a = json.loads((output / "_job.json").read_text())["prompt_set_fingerprint"]
+    message = capsys.readouterr().err
+    assert f"with prompt set {prompt_set_a}, this run has model {fingerprint_a} with prompt set " in message
 
     # With relabel: a run over 0010..0014 only labels those (the old rows are outside its input and stay) ...
     relabel = ["output.on_mismatch=relabel"]
