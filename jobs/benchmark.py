@@ -1,23 +1,41 @@
-"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline [options]`.
+"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|plan [options]`.
 
 `model` times our `SegGpt.predict` against `transformers.SegGptForImageSegmentation` in one process, with
 the same random weights, config, dtype and batch, alternating the two so that machine noise hits both.
 
 `pipeline` runs the whole job on local Ray over synthetic JPEGs and times the model alone on the same batches in
 the same run: the job's images/s over the model's is the share of time the model is busy (one actor).
+
+`plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
+N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
+files of their own, a mask of B random bytes per ok row), then, in a fresh process, runs the planning steps of
+`pipeline.job.autolabel` (listing, resume index, done keys, shard counts, work items) and reports the time of each,
+the driver's peak and baseline RSS, and the bytes the resume index read as a share of `labels/`'s size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -134,6 +152,368 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
     print(f"     busy: {summary.images_per_second / model_rate:.0%} of the job's time the model is computing")
 
 
+# --- plan: resume planning at scale -----------------------------------------------------------------
+
+PLAN_MODEL = "bench-model-0123456789ab"  # the fingerprints of the synthetic labels, and of the planning run
+PLAN_PROMPT_SET = "bench-prompts-0123456789"
+PLAN_ROWS_PER_FILE = 256  # the job's default output.rows_per_file
+PLAN_ERROR_EVERY = 100  # key i is an error row when i % 100 == 99: 1% of the keys
+_MAX_FOLDERS = 1000
+_SYNTH_THREADS = 8
+
+
+class CountingFileSystem(LocalFileSystem):
+    """A local filesystem whose opened files count the bytes they return (`bytes_read`, over all threads).
+
+    Only reads through `open` are counted (read, read1, readinto, readinto1), not listings; pass it as the `fs`
+    of `pipeline.resume.read_index` to see what the index reads from storage.
+    """
+
+    cachable = False  # a counter of its own per instance, never fsspec's shared LocalFileSystem
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.files_opened = 0
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "r" not in mode or "+" in mode:
+            return super()._open(path, mode, block_size=block_size, **kwargs)
+        with self._lock:
+            self.files_opened += 1
+        return _CountingFile(self._strip_protocol(path), mode, fs=self, **kwargs)
+
+    def count(self, size: int) -> None:
+        with self._lock:
+            self.bytes_read += size
+
+
+class _CountingFile(LocalFileOpener):
+    def read(self, *args, **kwargs):
+        data = self.f.read(*args, **kwargs)
+        self.fs.count(len(data))
+        return data
+
+    def read1(self, *args, **kwargs):
+        data = self.f.read1(*args, **kwargs)
+        self.fs.count(len(data))
+        return data
+
+    def readinto(self, buffer):
+        size = self.f.readinto(buffer)
+        self.fs.count(size or 0)
+        return size
+
+    def readinto1(self, buffer):
+        size = self.f.readinto1(buffer)
+        self.fs.count(size or 0)
+        return size
+
+
+def plan_key(i: int, inputs: int) -> str:
+    """The key of input number `i` of `inputs`: `d<folder>/img<index in folder>.jpg`, in key order."""
+    per_folder = math.ceil(inputs / min(_MAX_FOLDERS, inputs))
+    return f"d{i // per_folder:04d}/img{i % per_folder:06d}.jpg"
+
+
+def plan_error_indices(rows: int) -> np.ndarray:
+    """The indices of the labelled keys that are error rows."""
+    return np.arange(PLAN_ERROR_EVERY - 1, rows, PLAN_ERROR_EVERY)
+
+
+def plan_expected_pending(inputs: int, rows: int) -> list[str]:
+    """The keys a run over the synthetic data must still label: the error rows' and the unlabelled inputs'."""
+    indices = [*plan_error_indices(min(inputs, rows)).tolist(), *range(min(inputs, rows), inputs)]
+    return sorted(plan_key(i, inputs) for i in indices)
+
+
+def synthesise_plan_data(directory: Path, inputs: int, rows: int, mask_bytes: int, log=print) -> dict:
+    """`directory/inputs/` (empty .jpg files) and `directory/out/labels/` (rows as the job writes them).
+
+    Each part is made once: a marker file (outside both trees) records what it holds, and a rerun with the same
+    sizes reuses it. Returns the seconds spent on each part (0 when reused).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    made = {"inputs_s": 0.0, "labels_s": 0.0}
+    want_inputs = {"inputs": inputs}
+    if _marker(directory / "inputs.done.json") != want_inputs:
+        start = time.perf_counter()
+        _write_inputs(directory / "inputs", inputs)
+        (directory / "inputs.done.json").write_text(json.dumps(want_inputs))
+        made["inputs_s"] = time.perf_counter() - start
+        log(f"synthesised {inputs} inputs in {made['inputs_s']:.1f} s")
+    want_labels = {"inputs": inputs, "rows": rows, "mask_bytes": mask_bytes, "rows_per_file": PLAN_ROWS_PER_FILE}
+    if _marker(directory / "labels.done.json") != want_labels:
+        start = time.perf_counter()
+        _write_labels(directory / "out", directory / "inputs", inputs, rows, mask_bytes)
+        (directory / "labels.done.json").write_text(json.dumps(want_labels))
+        made["labels_s"] = time.perf_counter() - start
+        log(f"synthesised {rows} labelled rows in {made['labels_s']:.1f} s")
+    return made
+
+
+def _marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_inputs(folder: Path, inputs: int) -> None:
+    marker = folder.parent / "inputs.done.json"
+    marker.unlink(missing_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folders = min(_MAX_FOLDERS, inputs)
+    per_folder = math.ceil(inputs / folders)
+
+    def make_folder(number: int) -> None:
+        path = folder / f"d{number:04d}"
+        path.mkdir(parents=True)
+        for i in range(number * per_folder, min(inputs, (number + 1) * per_folder)):
+            os.close(os.open(folder / plan_key(i, inputs), os.O_CREAT | os.O_WRONLY, 0o644))
+
+    with ThreadPoolExecutor(_SYNTH_THREADS) as pool:
+        list(pool.map(make_folder, range(folders)))
+
+
+def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_bytes: int) -> None:
+    """`rows` rows in batches of 256 through the job's `LabelWriter` (png=False): ok rows to one file, error rows
+    to one of their own. Each batch is built as Arrow arrays (no Python object per mask)."""
+    from pipeline.write import LabelWriter
+
+    (out.parent / "labels.done.json").unlink(missing_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    writer = LabelWriter(str(out), {}, png=False)
+    source_prefix = f"file://{inputs_folder.resolve()}/"
+    start_us = int(datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp() * 1e6)
+
+    def write_batch(first: int) -> None:
+        indices = np.arange(first, min(rows, first + PLAN_ROWS_PER_FILE))
+        writer(_labels_batch(indices, inputs, mask_bytes, source_prefix, start_us))
+
+    with ThreadPoolExecutor(_SYNTH_THREADS) as pool:
+        list(pool.map(write_batch, range(0, rows, PLAN_ROWS_PER_FILE)))
+
+
+def _labels_batch(indices: np.ndarray, inputs: int, mask_bytes: int, source_prefix: str, start_us: int) -> pa.Table:
+    from pipeline.write import LABELS_SCHEMA
+
+    n = len(indices)
+    error = indices % PLAN_ERROR_EVERY == PLAN_ERROR_EVERY - 1
+    ok = ~error
+    rng = np.random.default_rng(int(indices[0]))
+    keys = pa.array([plan_key(int(i), inputs) for i in indices], pa.string())
+    lengths = np.where(ok, mask_bytes, 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    validity = pa.py_buffer(np.packbits(ok, bitorder="little"))
+    data = pa.py_buffer(rng.bytes(int(offsets[-1])))  # random: incompressible, as PNG bytes nearly are
+    masks = pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets), data])
+    classes = 3
+    list_offsets = pa.array(np.arange(n + 1, dtype=np.int32) * classes)
+    pixels = rng.integers(0, 448 * 448 // classes, n * classes)
+    columns = {
+        "key": keys,
+        "source": pc.binary_join_element_wise(source_prefix, keys, ""),
+        "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
+        "error": pa.array(np.where(ok, None, "OSError: synthetic read failure").tolist(), pa.string()),
+        "width": pa.array(np.full(n, 640, np.int32), mask=error),
+        "height": pa.array(np.full(n, 480, np.int32), mask=error),
+        "mask": masks,
+        "class_ids": pa.ListArray.from_arrays(list_offsets, pa.array(np.tile(np.arange(classes, dtype=np.int32), n)),
+                                              mask=pa.array(error)),
+        "pixel_counts": pa.ListArray.from_arrays(list_offsets, pa.array(pixels.astype(np.int64)), mask=pa.array(error)),
+        "score": pa.array(rng.random(n), mask=error),
+        "model": pa.array([PLAN_MODEL] * n, pa.string()),
+        "prompt_set": pa.array([PLAN_PROMPT_SET] * n, pa.string()),
+        "labeled_at": pa.array(start_us + indices.astype(np.int64), pa.timestamp("us", tz="UTC")),
+        "shard_images": pa.nulls(n, pa.int64()),
+    }
+    return pa.table({name: columns[name] for name in LABELS_SCHEMA.names if name != "mask_uri"})
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_kib() -> int:
+    """The process's resident set now (VmRSS, KiB)."""
+    return _status_kib("VmRSS")
+
+
+def _peak_kib() -> int:
+    """The process's peak resident set over its life (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> bool:
+    """Reset the peak resident set (VmHWM) to the current one (Linux: clear_refs 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _step_peak_kib(reset: bool) -> int:
+    """The peak resident set since the last `_reset_peak` (VmHWM), or over the process's life when it failed."""
+    return _status_kib("VmHWM") if reset else _peak_kib()
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read-like system calls (/proc/self/io), listings excluded."""
+    with open("/proc/self/io") as io_stats:
+        for line in io_stats:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tuple[dict, pa.Table]:
+    """The planning of `pipeline.job.autolabel` on a resume (on_mismatch refuse), step by step, in its order: listing
+    (in `plan`), index, foreign labels (the refusal check), then `_pending_work`: done keys, skipped, work items.
+
+    Returns the numbers of each step (seconds; RSS and peak RSS after it, KiB; Arrow's allocation after it) and
+    the work items. Keeps what autolabel keeps alive (listing, index, done keys, work) until the end.
+    """
+    from pipeline.config import InputConfig
+    from pipeline.read import list_inputs, pending_inputs, shard_of
+    from pipeline.resume import done_keys, foreign_labels, read_index, shard_images
+
+    steps: dict[str, dict] = {}
+    pool = pa.default_memory_pool()
+
+    def step(name, action):
+        reset = _reset_peak()
+        rchar, start = _rchar(), time.perf_counter()
+        result = action()
+        steps[name] = {
+            "seconds": time.perf_counter() - start,
+            "rss_kib": _rss_kib(),
+            "peak_rss_kib": _step_peak_kib(reset),  # during this step alone, where the peak can be reset
+            "arrow_bytes": pool.bytes_allocated(),
+            "arrow_peak_bytes": pool.max_memory(),  # since the process started: a rise is this step's
+            "rchar": _rchar() - rchar,
+        }
+        return result
+
+    listing = step("list_inputs", lambda: list_inputs(InputConfig(uri=inputs_uri), {}))
+    fs.bytes_read = 0
+    before = step("read_index", lambda: read_index(fs, output_root))
+    index = step("index_table", before.table)
+    foreign = step("foreign_labels", lambda: foreign_labels(index, PLAN_MODEL, PLAN_PROMPT_SET))
+    done = step("done_keys", lambda: done_keys(index, PLAN_MODEL, PLAN_PROMPT_SET))
+    listed = listing["key"]
+    skipped = step(
+        "skipped", lambda: pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
+    )
+    images = step("shard_images", lambda: shard_images(index))
+    work = step("pending_inputs", lambda: pending_inputs(listing, done, images))
+    numbers = {
+        "steps": steps,
+        "total_seconds": sum(s["seconds"] for s in steps.values()),
+        "planning_peak_rss_kib": max(s["peak_rss_kib"] for s in steps.values()),
+        "listed": listing.num_rows,
+        "index_rows": index.num_rows,
+        "index_files": len(before.files),
+        "index_bytes_read": fs.bytes_read,
+        "index_files_opened": fs.files_opened,
+        "index_rchar": steps["read_index"]["rchar"],
+        "foreign_groups": len(foreign),
+        "done": len(done),
+        "skipped": skipped,
+        "pending": work.num_rows,
+        "arrow_peak_bytes": pool.max_memory(),
+        "arrow_pool": pool.backend_name,
+    }
+    return numbers, work
+
+
+def _plan_child(inputs_uri: str, output_root: str) -> None:
+    """Body of the measuring process: import what the job's driver imports, then plan and print JSON."""
+    import pipeline.job  # noqa: F401  (torch, Ray, pyarrow, fsspec: the driver's baseline)
+
+    baseline = {"rss_kib": _rss_kib(), "import_peak_rss_kib": _peak_kib()}
+    numbers, _ = plan_steps(inputs_uri, output_root, CountingFileSystem())
+    numbers["baseline"] = baseline
+    numbers["peak_rss_kib"] = _peak_kib()  # ru_maxrss over the process's life: the imports' peak included
+    numbers["end_rss_kib"] = _rss_kib()
+    print(json.dumps(numbers))
+
+
+def _labels_size(labels: Path) -> tuple[int, int]:
+    sizes = [entry.stat().st_size for entry in os.scandir(labels) if entry.name.endswith(".parquet")]
+    return len(sizes), sum(sizes)
+
+
+def _evict(labels: Path) -> None:
+    """Drop the labels files from the page cache (posix_fadvise DONTNEED), so that the index reads them cold."""
+    for entry in os.scandir(labels):
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def benchmark_plan(args: argparse.Namespace) -> None:
+    directory = Path(args.dir).resolve()
+    made = synthesise_plan_data(directory, args.inputs, args.rows, args.mask_bytes)
+    labels = directory / "out" / "labels"
+    files, labels_bytes = _labels_size(labels)
+    if args.cold:
+        _evict(labels)
+    code = "import sys; from jobs.benchmark import _plan_child; _plan_child(sys.argv[1], sys.argv[2])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(directory / "inputs"), str(directory / "out")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+    )
+    if child.returncode:
+        sys.stderr.write(child.stderr)
+        raise SystemExit(f"the measuring process failed (exit {child.returncode})")
+    numbers = json.loads(child.stdout.strip().splitlines()[-1])
+    steps, base = numbers["steps"], numbers["baseline"]
+    mib = 1024
+    index_s = steps["read_index"]["seconds"] + steps["index_table"]["seconds"]
+    share = numbers["index_bytes_read"] / labels_bytes if labels_bytes else 0.0
+    expected = len(plan_expected_pending(args.inputs, args.rows))
+    print(
+        f"plan: {args.inputs} inputs (local tree, {min(_MAX_FOLDERS, args.inputs)} folders), {args.rows} labelled rows "
+        f"in {files} files of <= {PLAN_ROWS_PER_FILE} rows ({args.mask_bytes} mask bytes per ok row), "
+        f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs; data in {directory}"
+        + (f" (synthesised: inputs {made['inputs_s']:.0f} s, labels {made['labels_s']:.0f} s)" if any(made.values())
+           else " (reused)")
+    )
+    print(f"  {'step':<16}{'seconds':>9}{'RSS after':>12}{'step peak':>12}{'Arrow after':>13}{'Arrow peak':>12}")
+    for name, s in steps.items():
+        print(f"  {name:<16}{s['seconds']:9.2f}{s['rss_kib'] / mib:8.0f} MiB{s['peak_rss_kib'] / mib:8.0f} MiB"
+              f"{s['arrow_bytes'] / 2**20:9.0f} MiB{s['arrow_peak_bytes'] / 2**20:8.0f} MiB")
+    print(f"  {'total':<16}{numbers['total_seconds']:9.2f}")
+    peak = numbers["planning_peak_rss_kib"]
+    print(f"  driver RSS: baseline {base['rss_kib'] / mib:.0f} MiB after imports (pipeline.job: torch, Ray), peak "
+          f"while planning {peak / mib:.0f} MiB (VmHWM), so planning added {(peak - base['rss_kib']) / mib:.0f} MiB; "
+          f"ru_maxrss {numbers['peak_rss_kib'] / mib:.0f} MiB at the end (reset with VmHWM before each step; "
+          f"{base['import_peak_rss_kib'] / mib:.0f} MiB after the imports); Arrow's peak allocation "
+          f"{numbers['arrow_peak_bytes'] / 2**20:.0f} MiB ({numbers['arrow_pool']})")
+    print(f"  resume index: {numbers['index_rows']} rows of {numbers['index_files']} files in {index_s:.2f} s "
+          f"({numbers['index_rows'] / index_s if index_s else 0:,.0f} rows/s); read {numbers['index_bytes_read']:,} "
+          f"bytes (counting filesystem; rchar {numbers['index_rchar']:,}) of labels/'s {labels_bytes:,}: {share:.2%}")
+    print(f"  listed {numbers['listed']} inputs; done {numbers['done']}, skipped {numbers['skipped']}, "
+          f"pending work items {numbers['pending']} (expected {expected})")
+    print(json.dumps({
+        "inputs": args.inputs, "rows": args.rows, "mask_bytes": args.mask_bytes, "cold": args.cold,
+        "labels_files": files, "labels_bytes": labels_bytes, "index_share": share, "expected_pending": expected,
+        "synthesis_seconds": made, **numbers,
+    }))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -157,11 +537,15 @@ def main(argv: list[str] | None = None) -> None:
     job.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     job.add_argument("--cpus-per-actor", type=float, default=1.0)
     job.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    planning = sub.add_parser("plan", help="resume planning over synthetic inputs and labels: time, memory, bytes read")
+    planning.add_argument("--inputs", type=int, default=1_000_000, help="input files to list")
+    planning.add_argument("--rows", type=int, default=1_000_000, help="rows in labels/ (the first keys, 1%% errors)")
+    planning.add_argument("--mask-bytes", type=int, default=4000, help="mask bytes per ok row (a small PNG)")
+    planning.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "seggpt-plan-bench"),
+                          help="where the synthetic data is made, or reused when it is there")
+    planning.add_argument("--cold", action="store_true", help="drop labels/ from the page cache before measuring")
     args = parser.parse_args(argv)
-    if args.what == "model":
-        benchmark_model(args)
-    else:
-        benchmark_pipeline(args)
+    {"model": benchmark_model, "pipeline": benchmark_pipeline, "plan": benchmark_plan}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Tab
     base = _common_folder([root for root, _ in listed])
     keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(found["path"], len(base)), "/")
     listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
+    del found, keys
+    pa.default_memory_pool().release_unused()  # hand the copies made on the way back to the system
     _check_unique(listing)
     return listing
 
@@ -150,8 +152,9 @@ def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any]) -> tuple[s
     finally:
         fs.invalidate_cache()
     kinds = _kinds(paths, wanted)
-    keep = pc.is_valid(kinds)
-    paths, kinds = paths.filter(keep), kinds.filter(keep)
+    if kinds.null_count:
+        keep = pc.is_valid(kinds)
+        paths, kinds = paths.filter(keep), kinds.filter(keep)
     sample = paths[0].as_py() if len(paths) else ""
     prefix = fs.unstrip_protocol(sample).removesuffix(sample)  # e.g. "s3://", "file://"
     sources = pc.binary_join_element_wise(prefix, paths, "")

@@ -87,8 +87,8 @@ def _index_rows(table: pa.Table) -> pa.Table:
 def done_keys(index: pa.Table, model: str, prompt_set: str) -> pa.Array:
     """The keys (sorted, once each) that have an ok row made by this model and prompt set."""
     made_here = pc.and_(pc.equal(index["model"], model), pc.equal(index["prompt_set"], prompt_set))
-    ok = index.filter(pc.and_(pc.equal(index["status"], "ok"), made_here))
-    return pc.unique(ok["key"]).sort()
+    keys = pc.filter(index["key"], pc.and_(pc.equal(index["status"], "ok"), made_here))
+    return pc.unique(keys.combine_chunks()).sort()
 
 
 def shard_images(index: pa.Table) -> pa.Table:

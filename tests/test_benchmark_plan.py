@@ -1,0 +1,65 @@
+"""The planning benchmark at a small size (`python -m jobs.benchmark plan`): what it measures holds.
+
+On synthetic data made the way the job writes it, the resume index reads a small share of `labels/` (footers and
+the index columns, never the masks), and planning lists every input and finds exactly the error rows pending.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobs.benchmark import (
+    PLAN_ROWS_PER_FILE,
+    CountingFileSystem,
+    plan_expected_pending,
+    plan_key,
+    plan_steps,
+    synthesise_plan_data,
+)
+
+INPUTS = ROWS = 2000
+MASK_BYTES = 16_000  # an ok file is ~4 MB, nearly all mask bytes
+MAX_INDEX_SHARE = 0.10  # the index's reads (footer, ~64 KiB tail read, index columns) against labels/'s size
+
+
+def test_plan_reads_little_and_finds_the_error_keys(tmp_path):
+    synthesise_plan_data(tmp_path, INPUTS, ROWS, MASK_BYTES, log=lambda line: None)
+    labels = tmp_path / "out" / "labels"
+    sizes = [entry.stat().st_size for entry in os.scandir(labels)]
+    batches = -(-ROWS // PLAN_ROWS_PER_FILE)
+    assert len(sizes) == 2 * batches  # each batch: its ok rows in one file, its error rows in another
+
+    fs = CountingFileSystem()
+    numbers, work = plan_steps(str(tmp_path / "inputs"), str(tmp_path / "out"), fs)
+
+    assert numbers["listed"] == INPUTS
+    assert numbers["index_rows"] == ROWS
+    assert 0 < fs.bytes_read < MAX_INDEX_SHARE * sum(sizes), (fs.bytes_read, sum(sizes))
+    pending = work["key"].to_pylist()
+    assert pending == plan_expected_pending(INPUTS, ROWS)
+    assert len(pending) == ROWS // 100  # 1% error rows, every other key done
+    assert numbers["done"] == numbers["skipped"] == ROWS - len(pending)
+
+    # the same data is reused, not made again
+    assert synthesise_plan_data(tmp_path, INPUTS, ROWS, MASK_BYTES, log=lambda line: None) == {
+        "inputs_s": 0.0, "labels_s": 0.0
+    }
+
+
+def test_counting_filesystem_counts_read_and_readinto(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    fs = CountingFileSystem()
+    with fs.open(str(path), "rb") as handle:
+        handle.read(100)
+        handle.readinto(bytearray(300))
+        handle.seek(990)
+        handle.read()
+    assert fs.bytes_read == 410 and fs.files_opened == 1
+    assert CountingFileSystem() is not fs  # a counter of its own, not fsspec's cached instance
+
+
+def test_plan_keys_sort_as_the_inputs():
+    keys = [plan_key(i, INPUTS) for i in range(INPUTS)]
+    assert keys == sorted(keys) and len(set(keys)) == INPUTS
+    assert plan_key(456, 1_000_000) == "d0000/img000456.jpg" and plan_key(123_456, 1_000_000) == "d0123/img000456.jpg"
