@@ -1,6 +1,7 @@
 """`seggpt-autolabel`: run the auto-labelling job from a YAML config, or the bundled demo.
 
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
+    seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel demo [--output DIR]
 
 Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run.
@@ -19,6 +20,7 @@ from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
+from pipeline.train import train
 
 DEMO = Path(__file__).parent / "demo"
 _REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, FileNotFoundError)
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="override one config value (repeatable)")
     run.add_argument("--dry-run", action="store_true",
                      help="check config, prompt set and checkpoint and count the inputs; label nothing")
+    training = sub.add_parser("train", help="in-context training on Ray Train, from a YAML config")
+    training.add_argument("config", help="path of the training's YAML config")
+    training.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override one config value (repeatable)")
     demo = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
     demo.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
             print(f"look at: {summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ "
                   f"(Parquet rows), {summary.output_uri}/_job.json")
+        elif args.command == "train":
+            print(train(args.config, tuple(args.overrides)))
         elif args.dry_run:
             print(json.dumps(dry_run(args.config, tuple(args.overrides)), indent=2, default=str))
         else:

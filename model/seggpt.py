@@ -80,8 +80,7 @@ class Attention(nn.Module):
         q = q.reshape(R, nh, h, w, hd)
         bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (R, nh, h, w, h)
         bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (R, nh, h, w, w)
-        bias = q.new_empty(R, nh, h, w, h, w)  # contiguous, so that the reshape below is free
-        torch.add(bias_h[..., :, None], bias_w[..., None, :], out=bias)
+        bias = bias_h[..., :, None] + bias_w[..., None, :]  # (R, nh, h, w, h, w), contiguous: the reshape is free
         return bias.reshape(R, nh, N, N)
 
 

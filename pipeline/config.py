@@ -90,6 +90,16 @@ def _actor_range(key: str, value: Any) -> tuple[int, int]:
     return low, high
 
 
+def _count(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected an int >= 0, got {_describe(value)}")
+    return value
+
+
+def _optional_string(key: str, value: Any) -> str | None:
+    return None if value is None else _string(key, value)
+
+
 def _gpus(key: str, value: Any) -> str | float:
     return "auto" if value == "auto" else _number(key, value)
 
@@ -175,10 +185,7 @@ class JobConfig:
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
-        data = _plain(dataclasses.asdict(self))
-        if redact:
-            data["storage_options"] = _redact(data["storage_options"])
-        return data
+        return _as_dict(self, redact)
 
 
 _SECTIONS: dict[str, type] = {
@@ -193,18 +200,25 @@ _OPTIONAL_SECTIONS = {"compute", "storage_options"}
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:
     """Read a YAML file (or take a dict), apply `section.key=value` overrides and validate it all."""
+    return JobConfig(**_load(source, overrides, _SECTIONS, _OPTIONAL_SECTIONS))
+
+
+def _load(
+    source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str], sections: dict[str, type], optional: set[str]
+) -> dict[str, Any]:
+    """The checked sections of a config (and its `storage_options`), by name."""
     raw = _read_yaml(source) if isinstance(source, (str, os.PathLike)) else copy.deepcopy(dict(source))
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {_describe(raw)}")
     for override in overrides:
-        _apply_override(raw, override)
+        _apply_override(raw, override, sections)
     for name in raw:
-        if name not in _SECTIONS and name != "storage_options":
+        if name not in sections and name != "storage_options":
             raise ConfigError(f"{name}: unknown section")
-    sections = {name: _section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    checked = {name: _section(name, cls, raw.get(name), name in optional) for name, cls in sections.items()}
     storage_options = raw.get("storage_options")
-    storage_options = {} if storage_options is None else _mapping("storage_options", storage_options)
-    return JobConfig(**sections, storage_options=storage_options)
+    checked["storage_options"] = {} if storage_options is None else _mapping("storage_options", storage_options)
+    return checked
 
 
 def _read_yaml(path: str | os.PathLike) -> Any:
@@ -217,9 +231,9 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{os.fspath(path)}: not valid YAML ({error})") from None
 
 
-def _section(name: str, cls: type, raw: Any) -> Any:
+def _section(name: str, cls: type, raw: Any, optional: bool) -> Any:
     if raw is None:
-        if name in _OPTIONAL_SECTIONS:
+        if optional:
             return cls()
         raise ConfigError(f"{name}: missing required section")
     if not isinstance(raw, dict):
@@ -237,7 +251,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-def _apply_override(raw: dict[str, Any], override: str) -> None:
+def _apply_override(raw: dict[str, Any], override: str, sections: dict[str, type]) -> None:
     """Set `section.key=value` (value parsed as YAML) in the raw config; storage_options may nest."""
     dotted, sep, text = override.partition("=")
     path = dotted.strip().split(".")
@@ -245,9 +259,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {override}: expected section.key=value")
     section, key = path[0], path[1]
     if section != "storage_options":
-        if section not in _SECTIONS:
+        if section not in sections:
             raise ConfigError(f"{section}: unknown section (in --set {override})")
-        if len(path) > 2 or key not in {spec.name for spec in dataclasses.fields(_SECTIONS[section])}:
+        if len(path) > 2 or key not in {spec.name for spec in dataclasses.fields(sections[section])}:
             raise ConfigError(f"{dotted.strip()}: unknown key (in --set {override})")
     try:
         value = yaml.safe_load(text)
@@ -260,6 +274,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"{'.'.join(path[: i + 1])}: expected a mapping, got {_describe(child)}")
         node = child
     node[path[-1]] = value
+
+
+def _as_dict(config: Any, redact: bool) -> dict[str, Any]:
+    data = _plain(dataclasses.asdict(config))
+    if redact:
+        data["storage_options"] = _redact(data["storage_options"])
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -279,3 +300,69 @@ def _redact(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact(item) for item in value]
     return value
+
+
+# --- the training config (`seggpt-autolabel train`) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainModelConfig:
+    checkpoint: str | None = _option(_optional_string, None)  # start from it; else random weights of `config`
+    config: dict[str, Any] | None = _option(_mapping, None)  # SegGptConfig fields, for random weights
+
+
+@dataclass(frozen=True)
+class TrainDataConfig:
+    seed: int = _option(_count, 0)  # of the synthetic task stream (pipeline.synthetic); held-out seeds differ
+
+
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = _option(_positive_int, 1000)
+    batch_size: int = _option(_positive_int, 16)  # pairs per worker and step
+    lr: float = _option(_number, 3e-4)
+    weight_decay: float = _option(_number, 0.05)
+    warmup_steps: int = _option(_count, 100)
+    log_every: int = _option(_positive_int, 20)
+    checkpoint_every: int = _option(_positive_int, 500)
+
+
+@dataclass(frozen=True)
+class TrainOutputConfig:
+    uri: str = _option(_string)  # checkpoint-<step>/ folders that load_model reads, and train_log.jsonl
+
+
+@dataclass(frozen=True)
+class TrainComputeConfig:
+    workers: int = _option(_positive_int, 1)
+    gpus_per_worker: str | float = _option(_gpus, "auto")
+    cpus_per_worker: float = _option(_number, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: TrainModelConfig
+    output: TrainOutputConfig
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    compute: TrainComputeConfig = field(default_factory=TrainComputeConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
+        return _as_dict(self, redact)
+
+
+_TRAIN_SECTIONS: dict[str, type] = {
+    "model": TrainModelConfig,
+    "data": TrainDataConfig,
+    "train": TrainLoopConfig,
+    "output": TrainOutputConfig,
+    "compute": TrainComputeConfig,
+}
+
+
+def load_train_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config, read and checked like the job's (`load_config`)."""
+    return TrainConfig(**_load(source, overrides, _TRAIN_SECTIONS, {"data", "train", "compute", "storage_options"}))
+

@@ -1,0 +1,220 @@
+"""In-context training on Ray Train: `TorchTrainer` with a plain loop, one CPU here or many GPUs on a cluster.
+
+Each worker draws its own pairs of synthetic tasks (`pipeline.synthetic`) for every step, seeded by (data seed,
+step, rank), so a run resumed from a checkpoint sees the data it would have seen. Gradients meet through DDP;
+bfloat16 autocast on GPU. Rank 0 writes `checkpoint-<step>/` under `output.uri`: `config.json` and
+`model.safetensors` (what `load_model` reads) and `trainer.pt` (optimizer state and step, written last: a
+checkpoint without it is incomplete and ignored), and `train_log.jsonl` (loss, learning rate and samples/s of
+every logged step, earlier runs of the same output included). A run starts from the latest complete checkpoint
+under `output.uri` when there is one, else from `model.checkpoint`, else from random weights of `model.config`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from model import SegGpt, SegGptConfig, check_checkpoint, load_model
+from model.training import pair_batch, save_checkpoint
+from pipeline.config import ConfigError, TrainConfig, load_train_config
+from pipeline.synthetic import task_pair
+
+TRAINER_FILE = "trainer.pt"
+LOG_FILE = "train_log.jsonl"
+_MIN_LR_SHARE = 0.1  # the cosine schedule ends at this share of `train.lr`
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    first_step: int  # where this run started (0, or the step of the checkpoint it resumed)
+    loss: float  # mean over the last logged interval
+    seconds: float  # wall time of the run, Ray Train's start included
+    samples_per_second: float
+    checkpoint: str
+
+    def __str__(self) -> str:
+        return (f"trained steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s, "
+                f"{self.samples_per_second:.1f} samples/s; checkpoint: {self.checkpoint}")
+
+
+def synthetic_batch(seed: int, step: int, rank: int, batch_size: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The training pairs of one worker and step: `SegGpt.forward` keyword arguments (labels included)."""
+    rng = np.random.default_rng([seed, step, rank])
+    pairs = [task_pair(rng, size) for _ in range(batch_size)]
+    prompt_images, prompt_labels, images, labels = (np.stack(part) for part in zip(*pairs))
+    return pair_batch(prompt_images, prompt_labels, images, labels, rng)
+
+
+def latest_checkpoint(output_uri: str, storage_options: dict[str, Any]) -> tuple[str, int] | None:
+    """(URI, step) of the newest complete checkpoint under `output_uri`, or None."""
+    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return None
+    steps = sorted(
+        (int(name.rpartition("-")[2]), name)
+        for name in (path.rstrip("/").rpartition("/")[2] for path in fs.ls(root, detail=False))
+        if name.startswith("checkpoint-") and fs.exists(f"{root}/{name}/{TRAINER_FILE}")
+    )
+    return (fs.unstrip_protocol(f"{root}/{steps[-1][1]}"), steps[-1][0]) if steps else None
+
+
+def train(
+    config: TrainConfig | dict | str | os.PathLike,
+    overrides: tuple[str, ...] = (),
+    *,
+    log: Callable[[str], None] = print,
+) -> TrainSummary:
+    """Check the config and the starting model (before any Ray work), then train on Ray Train."""
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config, overrides)
+    options = config.storage_options
+    resume = latest_checkpoint(config.output.uri, options)
+    if resume is not None:
+        check_checkpoint(resume[0], storage_options=options)
+        log(f"resuming from {resume[0]} (step {resume[1]})")
+    elif config.model.checkpoint is not None:
+        check_checkpoint(config.model.checkpoint, storage_options=options)
+    elif config.model.config is None:
+        raise ConfigError("model: give model.checkpoint (a checkpoint to start from) or model.config (random weights)")
+    else:
+        try:
+            SegGptConfig.from_dict(config.model.config)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.config: {error}") from None
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)  # RAY_ADDRESS, a running cluster, or a new local one
+    gpus = config.compute.gpus_per_worker
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
+    resources = {"CPU": config.compute.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config.to_dict(redact=False),
+                           "resume": None if resume is None else list(resume)},
+        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+    )
+    started = time.monotonic()
+    trainer.fit()
+    records = read_log(config.output.uri, options)
+    this_run = [record for record in records if record["step"] > (0 if resume is None else resume[1])]
+    final = latest_checkpoint(config.output.uri, options)
+    trained = (config.train.steps - (0 if resume is None else resume[1])) * config.train.batch_size
+    seconds = time.monotonic() - started
+    return TrainSummary(
+        steps=config.train.steps,
+        first_step=0 if resume is None else resume[1],
+        loss=this_run[-1]["loss"] if this_run else math.nan,
+        seconds=seconds,
+        samples_per_second=trained * config.compute.workers / seconds,
+        checkpoint=final[0] if final else "",
+    )
+
+
+def read_log(output_uri: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of `train_log.jsonl` under `output_uri` (empty when there is none)."""
+    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
+    try:
+        return [json.loads(line) for line in fs.cat_file(f"{root}/{LOG_FILE}").decode().splitlines() if line]
+    except FileNotFoundError:
+        return []
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker."""
+    config = load_train_config(loop_config["config"])
+    options, loop = config.storage_options, config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    resume = loop_config["resume"]
+
+    torch.manual_seed(config.data.seed)
+    if resume is not None:
+        model = load_model(resume[0], storage_options=options)
+    elif config.model.checkpoint is not None:
+        model = load_model(config.model.checkpoint, storage_options=options)
+    else:
+        model = SegGpt(SegGptConfig.from_dict(config.model.config))
+    plain_model = model
+    model.train()
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
+    first_step, records = 0, []
+    if resume is not None:
+        state = _read_trainer_state(resume[0], options)
+        optimizer.load_state_dict(state["optimizer"])
+        first_step, records = state["step"], state["records"]
+
+    size = plain_model.config.input_size
+    losses: list[float] = []
+    started = interval_start = time.monotonic()
+    for step in range(first_step, loop.steps):
+        torch.manual_seed(config.data.seed * 1_000_003 + step * world + rank)  # drop-path, the same on a resume
+        batch = {name: value.to(device) for name, value in
+                 synthetic_batch(config.data.seed, step, rank, loop.batch_size, size).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, loop.steps, loop.warmup_steps, loop.lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch, embedding_type="semantic").loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+
+        done = step + 1
+        if done % loop.log_every == 0 or done == loop.steps:
+            elapsed = time.monotonic() - interval_start
+            metrics = {"step": done, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                       "samples_per_second": len(losses) * loop.batch_size * world / elapsed,
+                       "seconds": time.monotonic() - started}
+            records.append(metrics)
+            if rank == 0:
+                print(f"step {done}/{loop.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                      f"{metrics['samples_per_second']:.1f} samples/s", flush=True)
+            ray.train.report(metrics)
+            losses, interval_start = [], time.monotonic()
+        if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
+            _write_checkpoint(plain_model, optimizer, done, records, config)
+
+
+def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then a cosine down to `_MIN_LR_SHARE` of it at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (_MIN_LR_SHARE + (1 - _MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _write_checkpoint(model: SegGpt, optimizer: torch.optim.Optimizer, step: int, records: list[dict],
+                      config: TrainConfig) -> None:
+    options = config.storage_options
+    uri = f"{config.output.uri.rstrip('/')}/checkpoint-{step:07d}"
+    save_checkpoint(model, uri, options)
+    fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
+    fs.pipe_file(f"{root}/{LOG_FILE}", "".join(json.dumps(record) + "\n" for record in records).encode())
+    state = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "records": records}, state)
+    fs.pipe_file(f"{root}/checkpoint-{step:07d}/{TRAINER_FILE}", state.getvalue())  # last: marks it complete
+
+
+def _read_trainer_state(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    fs, path = fsspec.core.url_to_fs(f"{uri}/{TRAINER_FILE}", **storage_options)
+    return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True)
