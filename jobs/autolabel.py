@@ -1,7 +1,8 @@
-"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, or the bundled demo.
+"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, train, evaluate, or run the bundled demo.
 
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
+    seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
     seggpt-autolabel demo [--output DIR]
 
 Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run.
@@ -14,8 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+import fsspec
+
 from model import CheckpointError
 from pipeline.config import ConfigError
+from pipeline.evaluate import evaluate
 from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
 from pipeline.prompts import PromptSetError
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("config", help="path of the training's YAML config")
     training.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                           help="override one config value (repeatable)")
+    scoring = sub.add_parser("evaluate", help="score a job's output against ground-truth label maps")
+    scoring.add_argument("--labels", required=True, metavar="OUTPUT_URI", help="the job's output (its labels/)")
+    scoring.add_argument("--truth", required=True, metavar="URI", help="label-map PNGs keyed like the inputs")
+    scoring.add_argument("--json", metavar="URI", help="where to write the scores (default OUTPUT_URI/_evaluation.json)")
+    scoring.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+                         help="fsspec options for both URIs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
     demo = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
     demo.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
@@ -60,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
             print(f"look at: {summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ "
                   f"(Parquet rows), {summary.output_uri}/_job.json")
+        elif args.command == "evaluate":
+            scores = evaluate(args.labels, args.truth, storage_options=args.storage_options)
+            print(scores.table())
+            target = args.json or f"{args.labels.rstrip('/')}/_evaluation.json"
+            with fsspec.open(target, "w", **args.storage_options) as file:
+                json.dump(scores.to_dict(), file, indent=2)
+            print(f"scores written to {target}")
         elif args.command == "train":
             print(train(args.config, tuple(args.overrides)))
         elif args.dry_run:

@@ -1,0 +1,19 @@
+# Two commands on a fresh machine: `make demo` (set up, then label the bundled sample) and `make test` (set up, then
+# the test suite; what CI runs). Set-up: a virtual environment in .venv, the CPU torch wheel first, then the project.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: demo test
+
+demo: $(VENV)/installed
+	$(VENV)/bin/seggpt-autolabel demo
+
+test: $(VENV)/installed
+	$(PYTHON) -m pytest -q
+
+$(VENV)/installed: pyproject.toml .ci/constraints.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -c .ci/constraints.txt -e ".[test]"
+	touch $@
