@@ -313,7 +313,15 @@ class TrainModelConfig:
 
 @dataclass(frozen=True)
 class TrainDataConfig:
-    seed: int = _option(_count, 0)  # of the synthetic task stream (pipeline.synthetic); held-out seeds differ
+    seed: int = _option(_count, 0)  # of the synthetic tasks (pipeline.synthetic) and of the colour mappings
+    # labelled data instead of synthetic tasks (pipeline.labelled): its URI(s), layout and number of classes
+    uri: str | tuple[str, ...] | None = _option(lambda key, value: None if value is None else _string_or_list(key, value),
+                                                None)
+    format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
+    image_column: str = _option(_string, "image")
+    mask_column: str = _option(_string, "mask")
+    mask_field: str = _option(_string, "seg.png")
+    num_classes: int = _option(_positive_int, 255)  # labels above it are refused
 
 
 @dataclass(frozen=True)

@@ -93,22 +93,31 @@ def load_prompt_set(
 
 def _folder_pairs(fs: fsspec.AbstractFileSystem, folder: str, uri: str) -> list[tuple[str, str, str]]:
     files = sorted(p for p in fs.find(folder) if p.lower().endswith(_IMAGE_EXTENSIONS))
+    try:
+        return [(stem, image, mask) for stem, image, mask in image_mask_pairs(files, folder)]
+    except ValueError as error:
+        raise PromptSetError(f"prompts.uri {uri}: {error}") from None
+
+
+def image_mask_pairs(paths: list[str], folder: str) -> list[tuple[str, str, str]]:
+    """(stem relative to `folder`, image path, mask path) for image files `NAME.<ext>` with their masks `NAME.png`
+    (`NAME.mask.png` when the image is a PNG); ValueError naming a stem without exactly one image and one mask."""
     by_stem: dict[str, list[str]] = {}
-    for file in files:
-        stem, extension = posixpath.splitext(posixpath.relpath(file, folder))
-        by_stem.setdefault(stem, []).append(file)
+    for path in paths:
+        stem, _ = posixpath.splitext(posixpath.relpath(path, folder))
+        by_stem.setdefault(stem, []).append(path)
     pairs = []
-    for stem, paths in sorted(by_stem.items()):
+    for stem, group in sorted(by_stem.items()):
         if stem.endswith(".mask") and stem.removesuffix(".mask") in by_stem:
             continue
         if f"{stem}.mask" in by_stem:
-            mask, images = by_stem[f"{stem}.mask"][0], paths
+            mask, images = by_stem[f"{stem}.mask"][0], group
         else:
-            mask = next((p for p in paths if p.lower().endswith(".png")), None)
-            images = [p for p in paths if p != mask]
+            mask = next((p for p in group if p.lower().endswith(".png")), None)
+            images = [p for p in group if p != mask]
         if mask is None or len(images) != 1:
-            found = ", ".join(posixpath.basename(p) for p in paths)
-            raise PromptSetError(f"prompts.uri {uri}: prompt {stem!r} needs one image and one PNG mask, found {found}")
+            found = ", ".join(posixpath.basename(p) for p in group)
+            raise ValueError(f"{stem!r} needs one image and one PNG mask, found {found}")
         pairs.append((stem, images[0], mask))
     return pairs
 

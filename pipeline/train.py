@@ -1,7 +1,9 @@
 """In-context training on Ray Train: `TorchTrainer` with a plain loop, one CPU here or many GPUs on a cluster.
 
 Each worker draws its own pairs of synthetic tasks (`pipeline.synthetic`) for every step, seeded by (data seed,
-step, rank), so a run resumed from a checkpoint sees the data it would have seen. Gradients meet through DDP;
+step, rank), so a run resumed from a checkpoint sees the data it would have seen; or, with `data.uri`, pairs of
+labelled images of the user's data (`pipeline.labelled`, through Ray Data: each batch of 2B usable samples makes B
+pairs, prompt and target; unusable samples are skipped and counted as `skipped`). Gradients meet through DDP;
 bfloat16 autocast on GPU. Rank 0 writes `checkpoint-<step>/` under `output.uri`: `config.json` and
 `model.safetensors` (what `load_model` reads) and `trainer.pt` (optimizer state and step, written last: a
 checkpoint without it is incomplete and ignored), and `train_log.jsonl` (loss, learning rate and samples/s of
@@ -17,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -31,6 +33,7 @@ from ray.train.torch import TorchTrainer
 from model import SegGpt, SegGptConfig, check_checkpoint, load_model
 from model.training import pair_batch, save_checkpoint
 from pipeline.config import ConfigError, TrainConfig, load_train_config
+from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
 from pipeline.synthetic import task_pair
 
 TRAINER_FILE = "trainer.pt"
@@ -83,28 +86,34 @@ def train(
     """Check the config and the starting model (before any Ray work), then train on Ray Train."""
     if not isinstance(config, TrainConfig):
         config = load_train_config(config, overrides)
-    options = config.storage_options
+    options, data = config.storage_options, config.data
     resume = latest_checkpoint(config.output.uri, options)
     if resume is not None:
-        check_checkpoint(resume[0], storage_options=options)
+        model_config = check_checkpoint(resume[0], storage_options=options)
         log(f"resuming from {resume[0]} (step {resume[1]})")
     elif config.model.checkpoint is not None:
-        check_checkpoint(config.model.checkpoint, storage_options=options)
+        model_config = check_checkpoint(config.model.checkpoint, storage_options=options)
     elif config.model.config is None:
         raise ConfigError("model: give model.checkpoint (a checkpoint to start from) or model.config (random weights)")
     else:
         try:
-            SegGptConfig.from_dict(config.model.config)
+            model_config = SegGptConfig.from_dict(config.model.config)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.config: {error}") from None
+    if data.uri is not None:
+        source = LabelledSource(data.uri, data.format, data.image_column, data.mask_column, data.mask_field)
+        items = labelled_pairs(source, options, data.num_classes)
 
     if not ray.is_initialized():
         ray.init(configure_logging=False)  # RAY_ADDRESS, a running cluster, or a new local one
     gpus = config.compute.gpus_per_worker
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
     resources = {"CPU": config.compute.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    datasets = {} if data.uri is None else {
+        "train": read_labelled(items, source, options, model_config.input_size, data.num_classes)}
     trainer = TorchTrainer(
         _train_loop,
+        datasets=datasets,
         train_loop_config={"config": config.to_dict(redact=False),
                            "resume": None if resume is None else list(resume)},
         scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
@@ -163,12 +172,17 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         first_step, records = state["step"], state["records"]
 
     size = plain_model.config.input_size
+    if config.data.uri is None:
+        batches = ((synthetic_batch(config.data.seed, step, rank, loop.batch_size, size), 0)
+                   for step in range(first_step, loop.steps))
+    else:
+        rng = np.random.default_rng([config.data.seed, first_step, rank])
+        batches = _labelled_batches(ray.train.get_dataset_shard("train"), loop.batch_size, rng)
     losses: list[float] = []
     started = interval_start = time.monotonic()
-    for step in range(first_step, loop.steps):
+    for step, (batch, skipped) in zip(range(first_step, loop.steps), batches):
         torch.manual_seed(config.data.seed * 1_000_003 + step * world + rank)  # drop-path, the same on a resume
-        batch = {name: value.to(device) for name, value in
-                 synthetic_batch(config.data.seed, step, rank, loop.batch_size, size).items()}
+        batch = {name: value.to(device) for name, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, loop.steps, loop.warmup_steps, loop.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -184,7 +198,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             elapsed = time.monotonic() - interval_start
             metrics = {"step": done, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
                        "samples_per_second": len(losses) * loop.batch_size * world / elapsed,
-                       "seconds": time.monotonic() - started}
+                       "seconds": time.monotonic() - started, "skipped": skipped}
             records.append(metrics)
             if rank == 0:
                 print(f"step {done}/{loop.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
@@ -193,6 +207,22 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             losses, interval_start = [], time.monotonic()
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
             _write_checkpoint(plain_model, optimizer, done, records, config)
+
+
+def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, int]]:
+    """Endless pair batches from a Ray Data shard of `read_labelled` rows, and the count of samples skipped so far."""
+    skipped, pending = 0, []
+    while True:
+        for rows in shard.iter_batches(batch_size=2 * batch_size, batch_format="numpy",
+                                       local_shuffle_buffer_size=8 * batch_size):
+            usable = rows["error"] == ""
+            skipped += int((~usable).sum())
+            pending += [(rows["image"][i], rows["labels"][i]) for i in np.flatnonzero(usable)]
+            while len(pending) >= 2 * batch_size:
+                take, pending = pending[: 2 * batch_size], pending[2 * batch_size :]
+                images, labels = (np.stack(part) for part in zip(*take))
+                yield pair_batch(images[:batch_size], labels[:batch_size], images[batch_size:], labels[batch_size:],
+                                 rng), skipped
 
 
 def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:

@@ -56,7 +56,7 @@ result["job_done_at_kill"] = not job.is_alive()
 result["kill_at_s"] = round(time.monotonic() - start, 2)
 cluster.remove_node(worker, allow_graceful=False)  # the node dies: its raylet, workers and object store
 cluster.add_node(num_cpus=2)
-job.join(timeout=max(1.0, start + 75 - time.monotonic()))
+job.join(timeout=max(1.0, start + 150 - time.monotonic()))  # generous: a hang, not a slow machine
 result["job_alive"] = job.is_alive()
 result["seconds"] = round(time.monotonic() - start, 2)
 result_path.write_text(json.dumps(result))
@@ -82,7 +82,7 @@ def test_worker_node_dies_mid_run(tmp_path):
     process = subprocess.Popen([sys.executable, str(script), str(config_path), str(result_path)], cwd=REPO, env=env,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        log, _ = process.communicate(timeout=150)
+        log, _ = process.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         log, _ = process.communicate()

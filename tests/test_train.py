@@ -115,3 +115,12 @@ def test_synthetic_tasks_are_pairs_of_one_task_with_every_class():
         name: (3, 3, 32, 32) for name in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels")}
     assert torch.equal(batch["labels"], synthetic_batch(0, 0, 0, 3, (32, 32))["labels"])  # seeded by step and rank
     assert not torch.equal(batch["labels"], synthetic_batch(0, 0, 1, 3, (32, 32))["labels"])
+
+
+def test_the_demo_training_config_loads():
+    from pipeline.config import load_train_config
+
+    config = load_train_config(Path(__file__).parents[1] / "jobs" / "configs" / "train-demo.yaml")
+    model = SegGpt(SegGptConfig.from_dict(config.model.config))
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 5e6  # a few million parameters
+    assert model.config.input_size == (64, 64) and config.model.checkpoint is None
