@@ -22,6 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.evaluate import evaluate
 from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
+from pipeline.overlay import write_overlays
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
 from pipeline.train import train
@@ -34,11 +35,23 @@ def demo_config(output: str) -> dict:
     """The config of the demo: the bundled sample, prompt set and checkpoint, on local Ray."""
     return {
         "input": {"uri": str(DEMO / "images")},
-        "prompts": {"uri": str(DEMO / "prompts"), "classes": ["disc", "square"]},
+        "prompts": {"uri": str(DEMO / "prompts"), "classes": json.loads((DEMO / "classes.json").read_text())},
         "model": {"checkpoint": str(DEMO / "checkpoint")},
         "output": {"uri": str(Path(output).absolute()), "resume": False},
         "compute": {"batch_size": 4},
     }
+
+
+def demo(output: str) -> None:
+    """Label the bundled sample, score it against its ground truth and draw overlays."""
+    summary = autolabel(demo_config(output))
+    print(summary)
+    scores = evaluate(summary.output_uri, str(DEMO / "truth"))
+    print(scores.table())
+    overlays = write_overlays(summary.output_uri)
+    print(f"demo: mean IoU {scores.mean_iou:.3f} against the sample's ground truth")
+    print(f"look at: {summary.output_uri}/overlays/*.jpg ({len(overlays)} pictures), {summary.output_uri}/masks/*.png "
+          f"(indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), {summary.output_uri}/_job.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,16 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     scoring.add_argument("--json", metavar="URI", help="where to write the scores (default OUTPUT_URI/_evaluation.json)")
     scoring.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
                          help="fsspec options for both URIs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
-    demo = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
-    demo.add_argument("--output", default="seggpt-demo-output")
+    demo_parser = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
+    demo_parser.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "demo":
-            summary = autolabel(demo_config(args.output))
-            print(summary)
-            print(f"look at: {summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ "
-                  f"(Parquet rows), {summary.output_uri}/_job.json")
+            demo(args.output)
         elif args.command == "evaluate":
             scores = evaluate(args.labels, args.truth, storage_options=args.storage_options)
             print(scores.table())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import yaml
 
 _REQUIRED: Any = object()
@@ -41,12 +42,20 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
-def _string_or_list(key: str, value: Any) -> str | tuple[str, ...]:
+def _location(key: str, value: Any) -> str:
+    """A URI; a local path is made absolute here, on the driver, since Ray's workers run in folders of their own."""
+    value = _string(key, value)
+    if fsspec.core.split_protocol(value)[0] not in (None, "file", "local"):
+        return value
+    return os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(value)))
+
+
+def _locations(key: str, value: Any) -> str | tuple[str, ...]:
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{key}: expected a string or a non-empty list of strings, got []")
-        return tuple(_string(f"{key}[{i}]", item) for i, item in enumerate(value))
-    return _string(key, value)
+        return tuple(_location(f"{key}[{i}]", item) for i, item in enumerate(value))
+    return _location(key, value)
 
 
 def _class_names(key: str, value: Any) -> tuple[str, ...]:
@@ -96,10 +105,6 @@ def _count(key: str, value: Any) -> int:
     return value
 
 
-def _optional_string(key: str, value: Any) -> str | None:
-    return None if value is None else _string(key, value)
-
-
 def _gpus(key: str, value: Any) -> str | float:
     return "auto" if value == "auto" else _number(key, value)
 
@@ -131,7 +136,7 @@ def _option(check: Callable[[str, Any], Any], default: Any = _REQUIRED) -> Any:
 
 @dataclass(frozen=True)
 class InputConfig:
-    uri: str | tuple[str, ...] = _option(_string_or_list)
+    uri: str | tuple[str, ...] = _option(_locations)
     format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
     image_column: str = _option(_string, "image")
     exif_transpose: bool = _option(_boolean, True)  # turn images as their EXIF orientation says
@@ -144,7 +149,7 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    uri: str = _option(_string)
+    uri: str = _option(_location)
     classes: tuple[str, ...] = _option(_class_names)
     mask_format: str = _option(_choice("labels", "rgb"), "labels")
     embedding: str = _option(_choice("semantic", "instance"), "semantic")
@@ -152,13 +157,13 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    checkpoint: str = _option(_string)
+    checkpoint: str = _option(_location)
     dtype: str = _option(_choice("auto", "float32", "bfloat16", "float16"), "auto")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    uri: str = _option(_string)
+    uri: str = _option(_location)
     png: bool = _option(_boolean, True)
     resume: bool = _option(_boolean, True)
     rows_per_file: int = _option(_positive_int, 256)  # rows of one labels/ Parquet file; also resume's step
@@ -307,7 +312,7 @@ def _redact(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class TrainModelConfig:
-    checkpoint: str | None = _option(_optional_string, None)  # start from it; else random weights of `config`
+    checkpoint: str | None = _option(lambda key, value: None if value is None else _location(key, value), None)  # start from it; else random weights of `config`
     config: dict[str, Any] | None = _option(_mapping, None)  # SegGptConfig fields, for random weights
 
 
@@ -315,7 +320,7 @@ class TrainModelConfig:
 class TrainDataConfig:
     seed: int = _option(_count, 0)  # of the synthetic tasks (pipeline.synthetic) and of the colour mappings
     # labelled data instead of synthetic tasks (pipeline.labelled): its URI(s), layout and number of classes
-    uri: str | tuple[str, ...] | None = _option(lambda key, value: None if value is None else _string_or_list(key, value),
+    uri: str | tuple[str, ...] | None = _option(lambda key, value: None if value is None else _locations(key, value),
                                                 None)
     format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
     image_column: str = _option(_string, "image")
@@ -337,7 +342,7 @@ class TrainLoopConfig:
 
 @dataclass(frozen=True)
 class TrainOutputConfig:
-    uri: str = _option(_string)  # checkpoint-<step>/ folders that load_model reads, and train_log.jsonl
+    uri: str = _option(_location)  # checkpoint-<step>/ folders that load_model reads, and train_log.jsonl
 
 
 @dataclass(frozen=True)

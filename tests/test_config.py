@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,9 @@ def test_full_config_keeps_every_value():
             "storage_options": {"anon": True},
         }
     )
-    assert config.input.uris == ("a/", "b/*.jpg") and config.input.exif_transpose is False
+    cwd = os.getcwd()  # local paths are made absolute on the driver: Ray's workers run in other folders
+    assert config.input.uris == (f"{cwd}/a", f"{cwd}/b/*.jpg") and config.input.exif_transpose is False
+    assert (config.model.checkpoint, config.output.uri) == (f"{cwd}/ckpt", f"{cwd}/out")
     assert config.compute.actors == (1, 3) and config.compute.gpus_per_actor == 0.5
     assert config.output.png is False and config.storage_options == {"anon": True}
 
@@ -180,3 +183,10 @@ def test_example_config_of_the_docs_is_valid():
     example = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "example.yaml"
     config = load_config(example)
     assert config.compute.actors == (1, 4) and config.prompts.classes == ("car", "truck", "bicycle")
+
+
+def test_remote_uris_are_kept_and_local_ones_made_absolute():
+    config = load_config({**MINIMAL, "input": {"uri": ["s3://bucket/a/", "file:///data/b", "~/c"]},
+                          "output": {"uri": "gs://bucket/out"}})
+    assert config.input.uris == ("s3://bucket/a/", "/data/b", os.path.expanduser("~/c"))
+    assert config.output.uri == "gs://bucket/out"
