@@ -1,10 +1,13 @@
-"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|plan [options]`.
+"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|plan|heldout [options]`.
 
 `model` times our `SegGpt.predict` against `transformers.SegGptForImageSegmentation` in one process, with
 the same random weights, config, dtype and batch, alternating the two so that machine noise hits both.
 
 `pipeline` runs the whole job on local Ray over synthetic JPEGs and times the model alone on the same batches in
 the same run: the job's images/s over the model's is the share of time the model is busy (one actor).
+
+`heldout` runs the whole labelling job with a checkpoint (default: the demo's bundled model) on held-out synthetic
+tasks and scores it with `evaluate`.
 
 `plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
 N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
@@ -514,6 +517,34 @@ def benchmark_plan(args: argparse.Namespace) -> None:
     }))
 
 
+def benchmark_heldout(args: argparse.Namespace) -> None:
+    """The whole labelling job with a checkpoint on held-out synthetic tasks (seeds training never draws), scored
+    by `evaluate` against their ground truth: mean IoU per task and over all tasks."""
+    import ray
+
+    from jobs.demo.build import write_sample
+    from pipeline.evaluate import evaluate
+    from pipeline.job import autolabel
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    scores = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(args.first_seed, args.first_seed + args.tasks):
+            root = Path(folder) / f"task{seed}"
+            classes = write_sample(root, seed, images=args.images)
+            config = {"input": {"uri": str(root / "images")},
+                      "prompts": {"uri": str(root / "prompts"), "classes": classes},
+                      "model": {"checkpoint": args.checkpoint}, "output": {"uri": str(root / "out")},
+                      "compute": {"batch_size": 4}}
+            autolabel(config, log=lambda line: None)
+            result = evaluate(str(root / "out"), str(root / "truth"))
+            scores.append(result.mean_iou)
+            print(f"task seed {seed} ({', '.join(classes)}): mean IoU {result.mean_iou:.3f}, "
+                  f"pixel accuracy {result.pixel_accuracy:.3f}")
+    print(f"held-out mean IoU over {args.tasks} tasks of {args.images} images: {np.mean(scores):.3f} "
+          f"(min {np.min(scores):.3f}, max {np.max(scores):.3f}); checkpoint {args.checkpoint}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -544,8 +575,14 @@ def main(argv: list[str] | None = None) -> None:
     planning.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "seggpt-plan-bench"),
                           help="where the synthetic data is made, or reused when it is there")
     planning.add_argument("--cold", action="store_true", help="drop labels/ from the page cache before measuring")
+    heldout = sub.add_parser("heldout", help="a checkpoint through the whole job on held-out synthetic tasks: mIoU")
+    heldout.add_argument("--checkpoint", default=str(Path(__file__).parent / "demo" / "checkpoint"))
+    heldout.add_argument("--tasks", type=int, default=10)
+    heldout.add_argument("--images", type=int, default=8)
+    heldout.add_argument("--first-seed", type=int, default=1000)
     args = parser.parse_args(argv)
-    {"model": benchmark_model, "pipeline": benchmark_pipeline, "plan": benchmark_plan}[args.what](args)
+    {"model": benchmark_model, "pipeline": benchmark_pipeline, "plan": benchmark_plan,
+     "heldout": benchmark_heldout}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_si
             pretrain_image_size=32, decoder_hidden_size=8, merge_index=1, intermediate_hidden_state_indices=[1, 2])
 CLASSES = ["disc", "square"]
 SIZES = [(40, 30), (17, 53), (64, 64), (90, 20), (33, 33), (25, 70)]
-DEMO_MEAN_IOU_FLOOR = 0.0  # the bundled model's mean IoU on the demo sample is at least this
 
 
 def encoded(image: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -314,4 +313,4 @@ def test_demo_command_of_the_readme(tmp_path):
     overlays = sorted((output / "overlays").glob("*.jpg"))
     assert len(overlays) == 12 and Image.open(overlays[0]).size == Image.open(REPO / "jobs/demo/images/sample00.jpg").size
     mean_iou = float(result.stdout.split("demo: mean IoU ")[1].split()[0])  # against the sample's ground truth
-    assert mean_iou >= DEMO_MEAN_IOU_FLOOR, result.stdout
+    assert 0 <= mean_iou <= 1 and "images compared 12, missing or unusable 0" in result.stdout
