@@ -213,16 +213,20 @@ def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> 
     """Endless pair batches from a Ray Data shard of `read_labelled` rows, and the count of samples skipped so far."""
     skipped, pending = 0, []
     while True:
+        usable_in_pass = 0
         for rows in shard.iter_batches(batch_size=2 * batch_size, batch_format="numpy",
                                        local_shuffle_buffer_size=8 * batch_size):
             usable = rows["error"] == ""
             skipped += int((~usable).sum())
+            usable_in_pass += int(usable.sum())
             pending += [(rows["image"][i], rows["labels"][i]) for i in np.flatnonzero(usable)]
             while len(pending) >= 2 * batch_size:
                 take, pending = pending[: 2 * batch_size], pending[2 * batch_size :]
                 images, labels = (np.stack(part) for part in zip(*take))
                 yield pair_batch(images[:batch_size], labels[:batch_size], images[batch_size:], labels[batch_size:],
                                  rng), skipped
+        if usable_in_pass == 0:
+            raise ValueError(f"no usable labelled pairs in this worker's share of the data ({skipped} skipped)")
 
 
 def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
