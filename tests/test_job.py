@@ -313,4 +313,4 @@ def test_demo_command_of_the_readme(tmp_path):
     overlays = sorted((output / "overlays").glob("*.jpg"))
     assert len(overlays) == 12 and Image.open(overlays[0]).size == Image.open(REPO / "jobs/demo/images/sample00.jpg").size
     mean_iou = float(result.stdout.split("demo: mean IoU ")[1].split()[0])  # against the sample's ground truth
-    assert 0 <= mean_iou <= 1 and "images compared 12, missing or unusable 0" in result.stdout
+    assert mean_iou >= 0.5 and "images compared 12, missing or unusable 0" in result.stdout  # the trained model: 0.55

@@ -31,7 +31,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lease(output):
     with OutputLease(fs, root, "the-output") as first:
         held = lease_of(fs, root)
         assert held["run"] == first.holder["run"] and held["expires_at"] > time.time()
-        with pytest.raises(OutputError, match=rf"the-output: in use by another run \(host .*, pid \d+, started 20"):
+        with pytest.raises(OutputError, match=r"the-output: in use by another run \(host .*, pid \d+, started 20"):
             OutputLease(fs, root, "the-output").__enter__()
         assert lease_of(fs, root) == held  # the refused run changed nothing
     assert not fs.exists(f"{root}/{LEASE_FILE}")  # released
