@@ -2,6 +2,8 @@
 # the test suite; what CI runs). Set-up: a virtual environment in .venv, the CPU torch wheel first, then the project.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
+# The venv's bin first on PATH: the tests run the console script, as a user of the venv would.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test
 
