@@ -59,61 +59,229 @@ def vit_large(layers: int) -> dict:
     )
 
 
-def benchmark_model(args: argparse.Namespace) -> None:
-    import transformers  # the reference: a test dependency, needed only here
+# Dense matrix-multiply peaks (TFLOP/s, no sparsity) of GPUs, by a word of their name, for MFU.
+GPU_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},  # SXM; the PCIe card is 756 / 51
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+    "L4": {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3},
+}
+# glibc settings that keep freed memory for reuse: what `model.memory.keep_freed_memory` does in our processes,
+# given to the reference's process by environment (the allocator-tuned reference).
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
-    layers = args.layers
-    config = vit_large(layers)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+def model_flops(config: dict, batch: int, prompts: int) -> int:
+    """FLOPs of our `predict` on `batch` images x `prompts` prompts, counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = SegGpt(SegGptConfig(**config)).eval()
+        inputs = [torch.empty(batch * prompts, 3, *model.config.input_size) for _ in range(3)]
+        with FlopCounterMode(display=False) as counter:
+            model.predict(*inputs, num_prompts=prompts)
+    return counter.get_total_flops()
+
+
+def gpu_peak_tflops(dtype: str) -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((peaks[dtype] for word, peaks in GPU_PEAK_TFLOPS.items() if word in name), None)
+
+
+def _model_child(spec: dict) -> None:
+    """Body of one measuring process: build one model, warm it up, time `iters` batches, print JSON."""
+    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+    config, k, batch = vit_large(spec["layers"]), spec["prompts"], spec["batch"]
     torch.manual_seed(0)
-    reference = transformers.SegGptForImageSegmentation(transformers.SegGptConfig(**config)).eval()
-    ours = SegGpt(SegGptConfig.from_dict(reference.config.to_dict())).eval()
-    ours.load_state_dict(hf_to_native(reference.state_dict()))
-    reference.to(device, dtype)
-    ours.to(device, dtype)
+    if spec["impl"] == "reference":
+        import transformers  # the reference: a test dependency, needed only here
 
-    rows = args.batch * args.prompts
-    inputs = [torch.randn(rows, 3, 448, 448, device=device, dtype=dtype) for _ in range(3)]
-    inputs[0] = inputs[0][:: args.prompts].repeat_interleave(args.prompts, dim=0)  # one image per group
+        reference = transformers.SegGptForImageSegmentation(transformers.SegGptConfig(**config)).eval()
+        reference.to(device, dtype)
 
-    def run_reference() -> torch.Tensor:
-        out = reference(*inputs, feature_ensemble=args.prompts > 1).pred_masks
-        return out[:: args.prompts, :, 448:]
+        def run(images, prompt_images, prompt_masks):
+            return reference(images, prompt_images, prompt_masks, feature_ensemble=k > 1).pred_masks[::k, :, 448:]
+    else:
+        from model.memory import keep_freed_memory
 
-    def run_ours() -> torch.Tensor:
-        return ours.predict(*inputs, num_prompts=args.prompts)
+        if device.type == "cpu":
+            keep_freed_memory()  # as the inference actor does
+        ours = SegGpt(SegGptConfig(**config)).eval().to(device, dtype)
+        ours.set_attention(spec["attention"] or ("flex" if device.type == "cuda" else "sdpa"))
 
-    print(
-        f"config: ViT-L width (hidden 1024, 16 heads), {layers} layers, 896x448, dtype {args.dtype}, "
-        f"device {device}, {args.batch} images x {args.prompts} prompts, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    with torch.no_grad():
-        difference = (run_ours().float() - run_reference().float()).abs().max().item()  # also the warm-up
-        times: dict[str, list[float]] = {"reference": [], "ours": []}
-        for _ in range(args.iters):
-            for name, run in (("reference", run_reference), ("ours", run_ours)):
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-    rates = {name: args.batch / statistics.median(t) for name, t in times.items()}
-    for name, rate in rates.items():
-        print(f"{name:>9}: {rate:8.3f} images/s (median of {args.iters}, {statistics.median(times[name]):.3f} s/batch)")
-    print(f"    ratio: {rates['ours'] / rates['reference']:.2f}x (ours / reference)")
-    print(f" max|diff| of the input half: {difference:.2e}" + ("" if args.prompts == 1 else
-          " (K > 1: the reference ensembles differently at the merge layer, see README)"))
+        def run(images, prompt_images, prompt_masks):
+            return ours.predict(images, prompt_images, prompt_masks, num_prompts=k)
+
+    inputs = [torch.randn(batch * k, 3, 448, 448, device=device, dtype=dtype) for _ in range(3)]
+    inputs[0] = inputs[0][::k].repeat_interleave(k, dim=0)  # one image per group
+    times = []
+    with torch.inference_mode():
+        for i in range(spec["iters"] + 1):  # the first: warm-up (and compilation)
+            _sync(device)
+            start = time.perf_counter()
+            run(*inputs)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times, "peak_rss_kib": _peak_kib(),
+                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0}))
 
 
-def benchmark_pipeline(args: argparse.Namespace) -> None:
-    from pipeline.job import autolabel
+def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
+    """One measuring process; glibc's malloc as it comes, or tuned by environment (`TUNED_MALLOC_ENV`)."""
+    code = "import json, sys; from jobs.benchmark import _model_child; _model_child(json.loads(sys.argv[1]))"
+    env = {name: value for name, value in os.environ.items() if name not in TUNED_MALLOC_ENV}
+    child = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, env={**env, **(TUNED_MALLOC_ENV if tuned_malloc else {})})
+    if child.returncode:
+        sys.stderr.write(child.stderr)
+        raise SystemExit(f"the measuring process of {spec['impl']} failed (exit {child.returncode})")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
+
+def benchmark_model(args: argparse.Namespace) -> None:
+    """Ours at each dtype against the reference (as users run it, and with its allocator tuned), each in its own
+    process, alternated round by round (A B C A B C) so that the machine's drift hits all of them alike."""
+    variants = {f"ours {dtype}": ({"impl": "ours", "dtype": dtype}, False) for dtype in args.dtypes}
+    variants[f"reference {args.reference_dtype}"] = ({"impl": "reference", "dtype": args.reference_dtype}, False)
+    if args.device == "cpu":
+        variants[f"reference {args.reference_dtype}, tuned malloc"] = (
+            {"impl": "reference", "dtype": args.reference_dtype}, True)
+    common = {"layers": args.layers, "batch": args.batch, "prompts": args.prompts, "device": args.device,
+              "iters": args.iters, "attention": args.attention}
+    config = vit_large(args.layers)
+    flops = model_flops(config, args.batch, args.prompts)
+    print(f"config: ViT-L width (hidden 1024, 16 heads), {args.layers} layers, 896x448, {args.batch} images x "
+          f"{args.prompts} prompts per batch, device {args.device}"
+          f"{f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs; each variant in its own process, {args.rounds} rounds of {args.iters} batches; "
+          f"our predict: {flops / args.batch / 1e12:.3f} TFLOP per image")
+    results: dict[str, dict] = {name: {"times": [], "peak_rss_kib": 0, "peak_gpu_bytes": 0} for name in variants}
+    for round_number in range(args.rounds):
+        for name, (spec, tuned_malloc) in variants.items():
+            out = _run_model_child({**common, **spec}, tuned_malloc)
+            results[name]["times"] += out["times"]
+            results[name]["peak_rss_kib"] = max(results[name]["peak_rss_kib"], out["peak_rss_kib"])
+            results[name]["peak_gpu_bytes"] = max(results[name]["peak_gpu_bytes"], out["peak_gpu_bytes"])
+            print(f"  round {round_number + 1}: {name}: {' '.join(f'{t:.2f}' for t in out['times'])} s/batch",
+                  flush=True)
+    print(f"  {'variant':<34}{'images/s':>10}{'s/image':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak RSS':>11}")
+    for name, result in results.items():
+        seconds = statistics.median(result["times"])
+        result.update(images_per_second=args.batch / seconds, tflops=flops / seconds / 1e12)
+        dtype = name.split()[1].rstrip(",")
+        peak = gpu_peak_tflops(dtype) if args.device == "cuda" else None
+        result["mfu"] = result["tflops"] / peak if peak else None
+        mfu = f"{result['mfu']:.0%}" if result["mfu"] is not None else "-"
+        print(f"  {name:<34}{result['images_per_second']:10.4f}{seconds / args.batch:9.2f}{result['tflops']:9.3f}"
+              f"{mfu:>7}{result['peak_rss_kib'] / 1024:7.0f} MiB")
+    reference_rate = results[f"reference {args.reference_dtype}"]["images_per_second"]
+    ratios = {}
+    for name, result in results.items():
+        if name.startswith("ours"):
+            for base in (n for n in results if n.startswith("reference")):
+                ratios[f"{name} / {base}"] = result["images_per_second"] / results[base]["images_per_second"]
+    for label, ratio in ratios.items():
+        print(f"  {label}: {ratio:.2f}x")
+    record = {"benchmark": "model", "config": config, **common, "rounds": args.rounds, "flops_per_batch": flops,
+              "torch": torch.__version__, "cpus": os.cpu_count(), "reference_images_per_second": reference_rate,
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None,
+              "variants": results, "ratios": ratios}
+    _write_record(args.json, record)
+
+
+def _write_record(path: str | None, record: dict) -> None:
+    """The benchmark's JSON record: to `path`, and as the last line printed."""
+    text = json.dumps(record)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+class ProcessPeaks:
+    """Peak resident memory (VmHWM, KiB) of this process and of every process under it (a local Ray's GCS, raylet
+    and workers), sampled from /proc every `interval_s` while in the `with` block: a process that ends between two
+    samples loses at most its last interval's growth.
+
+    `peaks` maps each pid to its peak and the Ray task or actor names it ran (from its process title).
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.peaks: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProcessPeaks:
+        _reset_peak()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_role(self) -> dict[str, int]:
+        """The largest peak of each kind of process: the driver, Ray's own, and each worker by what it ran."""
+        roles: dict[str, int] = {}
+        for peak in self.peaks.values():
+            role = " + ".join(sorted(peak["names"])) or "ray worker (idle)"
+            roles[role] = max(roles.get(role, 0), peak["kib"])
+        return dict(sorted(roles.items(), key=lambda item: -item[1]))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        for pid in [me, *_descendants(me)]:
+            try:
+                kib = _status_kib("VmHWM", pid)
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except (OSError, ValueError):
+                continue  # ended meanwhile
+            peak = self.peaks.setdefault(pid, {"kib": 0, "names": set()})
+            peak["kib"] = max(peak["kib"], kib)
+            name = "driver" if pid == me else _process_role(title)
+            if name:
+                peak["names"].add(name)
+
+
+def _process_role(title: str) -> str | None:
+    """`ray::MapWorker(MapBatches(SegGptPredictor))` -> the same; `.../raylet ...` -> `raylet`; None when idle."""
+    if title.startswith("ray::"):
+        name = title.split()[0]
+        return None if name == "ray::IDLE" else name
+    return Path(title.split()[0]).name if title else None
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _synthetic_job(root: Path, args: argparse.Namespace, images: int) -> dict:
+    """A job config over `images` random 640x480 JPEGs under `root`, with a random ViT-L-width checkpoint and
+    prompt set (made once per root)."""
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for folder in ("checkpoint", "prompts", "images"):
-            (root / folder).mkdir()
+    if not (root / "checkpoint").exists():
+        for folder in ("checkpoint", "prompts"):
+            (root / folder).mkdir(parents=True)
         config = vit_large(args.layers)
         torch.manual_seed(0)
         save_file(SegGpt(SegGptConfig(**config)).state_dict(), root / "checkpoint" / "model.safetensors")
@@ -121,38 +289,109 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
         for i in range(args.prompts):
             Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(root / "prompts" / f"{i}.jpg")
             Image.fromarray(rng.integers(0, 3, (480, 640), dtype=np.uint8)).save(root / "prompts" / f"{i}.png")
-        for i in range(args.images):
-            Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
-        job = {
-            "input": {"uri": str(root / "images")},
-            "prompts": {"uri": str(root / "prompts"), "classes": ["a", "b"]},
-            "model": {"checkpoint": str(root / "checkpoint"), "dtype": args.dtype},
-            "output": {"uri": str(root / "out"), "resume": False},
-            "compute": {"batch_size": args.batch, "cpus_per_actor": args.cpus_per_actor},
-        }
-        summary = autolabel(job, log=lambda line: None)
+    folder = root / f"images-{images}"
+    folder.mkdir()
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    return {
+        "input": {"uri": str(folder), "jpeg_draft": args.jpeg_draft},
+        "prompts": {"uri": str(root / "prompts"), "classes": ["a", "b"]},
+        "model": {"checkpoint": str(root / "checkpoint"), "dtype": args.dtype},
+        "output": {"uri": str(root / f"out-{images}"), "resume": False},
+        "compute": {"batch_size": args.batch, "cpus_per_actor": args.cpus_per_actor,
+                    "cpus_per_task": args.cpus_per_task},
+    }
 
-        if args.device == "cpu":
-            torch.set_num_threads(max(1, int(args.cpus_per_actor)))  # as Ray gives the actor (OMP_NUM_THREADS)
-        model = load_model(str(root / "checkpoint"), dtype=args.dtype, device=args.device)
-        k, dtype = args.prompts, DTYPES[args.dtype]
-        pixels = torch.randint(0, 256, (args.batch * k, 448, 448, 3), dtype=torch.uint8, device=args.device)
-        prompts = [normalize(pixels, dtype) for _ in range(2)]
-        times = []
-        for _ in range(max(2, args.images // args.batch)):
-            _sync(torch.device(args.device))
+
+def _measured_job(job: dict) -> dict:
+    """Run the job on a fresh local Ray; its summary and the peak memory of every process."""
+    import ray
+
+    from pipeline.job import autolabel
+
+    ray.shutdown()
+    with ProcessPeaks() as peaks:
+        summary = autolabel(job, log=lambda line: None)
+        ray.shutdown()  # inside: Ray's processes are sampled up to their end
+    return {"images": summary.ok + summary.error, "ok": summary.ok, "seconds": summary.seconds,
+            "images_per_second": summary.images_per_second, "peaks_kib": peaks.by_role()}
+
+
+def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) -> float:
+    """Images/s of `predict` alone on batches as the inference actor makes them, in this process, with the actor's
+    threads and allocator."""
+    from model.memory import keep_freed_memory
+
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, int(args.cpus_per_actor)))  # as Ray gives the actor (OMP_NUM_THREADS)
+        keep_freed_memory()
+    model = load_model(checkpoint, dtype=args.dtype, device=args.device)
+    model.set_attention("flex" if args.device == "cuda" else "sdpa")
+    k, dtype, device = args.prompts, DTYPES[args.dtype], torch.device(args.device)
+    pixels = torch.randint(0, 256, (args.batch * k, 448, 448, 3), dtype=torch.uint8, device=device)
+    prompts = [normalize(pixels, dtype) for _ in range(2)]
+    times = []
+    with torch.inference_mode():
+        for _ in range(batches + 1):
+            _sync(device)
             start = time.perf_counter()
             model.predict(normalize(pixels, dtype), *prompts, num_prompts=k, embedding_type="semantic")
-            _sync(torch.device(args.device))
+            _sync(device)
             times.append(time.perf_counter() - start)
-    model_rate = args.batch / statistics.median(times[1:])
-    print(
-        f"config: ViT-L width, {args.layers} layers, 896x448, {args.prompts} prompts, batch {args.batch}, "
-        f"dtype {args.dtype}, {args.images} JPEGs of 640x480, device {args.device}"
-    )
-    print(f"      job: {summary.images_per_second:8.3f} images/s ({summary})")
-    print(f"    model: {model_rate:8.3f} images/s (predict alone, same batch)")
-    print(f"     busy: {summary.images_per_second / model_rate:.0%} of the job's time the model is computing")
+    return args.batch / statistics.median(times[1:])
+
+
+def _print_peaks(peaks: dict[str, dict[str, int]]) -> None:
+    """A table of peak memory by process kind, one column per run."""
+    runs = list(peaks)
+    roles = list(dict.fromkeys(role for run in runs for role in peaks[run]))
+    print(f"  {'peak RSS (MiB)':<58}" + "".join(f"{run:>12}" for run in runs))
+    for role in roles:
+        cells = "".join(f"{peaks[run][role] / 1024:12.0f}" if role in peaks[run] else f"{'-':>12}" for run in runs)
+        print(f"  {role[:58]:<58}{cells}")
+
+
+def _job_description(args: argparse.Namespace) -> str:
+    return (f"ViT-L width, {args.layers} layers, 896x448, {args.prompts} prompts, batch {args.batch}, dtype "
+            f"{args.dtype}, 640x480 JPEGs{' (draft decoding)' if args.jpeg_draft else ''}, device {args.device}, "
+            f"cpus_per_actor {args.cpus_per_actor}, cpus_per_task {args.cpus_per_task}, {os.cpu_count()} CPUs")
+
+
+def benchmark_pipeline(args: argparse.Namespace) -> None:
+    """The whole job against the model alone, same run: the share of the job's time the model is busy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = _synthetic_job(Path(tmp), args, args.images)
+        run = _measured_job(job)
+        model_rate = _model_only_rate(job["model"]["checkpoint"], args, max(2, args.images // args.batch))
+    print(f"config: {_job_description(args)}, {args.images} images")
+    print(f"      job: {run['images_per_second']:8.4f} images/s ({run['ok']} ok in {run['seconds']:.1f} s)")
+    print(f"    model: {model_rate:8.4f} images/s (predict alone, same batches, one process as the actor)")
+    print(f"     busy: {run['images_per_second'] / model_rate:.0%} of the model-only rate")
+    _print_peaks({"job": run["peaks_kib"]})
+    _write_record(args.json, {"benchmark": "pipeline", **vars(args), "job": run, "model_images_per_second": model_rate,
+                              "ratio": run["images_per_second"] / model_rate})
+
+
+def benchmark_scale(args: argparse.Namespace) -> None:
+    """The whole job at N and 10 N images: time per image and the peak memory of every process."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for images in (args.images, 10 * args.images):
+            runs[images] = _measured_job(_synthetic_job(Path(tmp), args, images))
+            print(f"  {images} images: {runs[images]['seconds']:.1f} s, "
+                  f"{runs[images]['seconds'] / images:.2f} s/image", flush=True)
+    small, large = runs[args.images], runs[10 * args.images]
+    print(f"config: {_job_description(args)}")
+    for images, run in runs.items():
+        print(f"  {images:>6} images: {run['seconds'] / images:.3f} s/image ({run['images_per_second']:.3f} images/s)")
+    _print_peaks({f"{images} images": run["peaks_kib"] for images, run in runs.items()})
+    growth = {role: large["peaks_kib"][role] / kib for role, kib in small["peaks_kib"].items()
+              if role in large["peaks_kib"]}
+    worst = max(growth, key=growth.get)
+    print(f"  peak memory 10N / N: largest growth {growth[worst]:.2f}x ({worst}); driver "
+          f"{growth.get('driver', float('nan')):.2f}x; sum of all processes' peaks "
+          f"{sum(large['peaks_kib'].values()) / sum(small['peaks_kib'].values()):.2f}x")
+    _write_record(args.json, {"benchmark": "scale", **vars(args), "runs": runs, "growth": growth})
 
 
 # --- plan: resume planning at scale -----------------------------------------------------------------
@@ -337,8 +576,8 @@ def _labels_batch(indices: np.ndarray, inputs: int, mask_bytes: int, source_pref
     return pa.table({name: columns[name] for name in LABELS_SCHEMA.names if name != "mask_uri"})
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
+def _status_kib(field: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1])
@@ -553,21 +792,31 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
-    model = sub.add_parser("model", help="our SegGpt vs transformers, same weights and inputs")
-    model.add_argument("--layers", type=int, default=4, help="transformer layers (ViT-L has 24)")
-    model.add_argument("--batch", type=int, default=2, help="images per batch")
+    model = sub.add_parser("model", help="our SegGpt vs transformers, each in its own process, alternated")
+    model.add_argument("--layers", type=int, default=24, help="transformer layers (ViT-L has 24)")
+    model.add_argument("--batch", type=int, default=1, help="images per batch")
     model.add_argument("--prompts", type=int, default=1, help="prompts per image (feature ensemble)")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"], help="ours at each")
+    model.add_argument("--reference-dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument("--attention", choices=["sdpa", "flex"], default=None,
+                       help="our attention backend (default: flex on CUDA, sdpa on the CPU)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    model.add_argument("--iters", type=int, default=3)
+    model.add_argument("--iters", type=int, default=2, help="timed batches per process, after one warm-up")
+    model.add_argument("--rounds", type=int, default=2, help="processes per variant, alternated")
+    model.add_argument("--json", help="write the JSON record here too")
     job = sub.add_parser("pipeline", help="the whole job on local Ray vs the model alone")
-    job.add_argument("--layers", type=int, default=2, help="transformer layers (ViT-L has 24)")
-    job.add_argument("--images", type=int, default=32)
-    job.add_argument("--batch", type=int, default=4, help="images per model batch")
-    job.add_argument("--prompts", type=int, default=1, help="prompts in the set")
-    job.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    job.add_argument("--cpus-per-actor", type=float, default=1.0)
-    job.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    scale = sub.add_parser("scale", help="the whole job at N and 10 N images: time per image, peak memory")
+    for parser_ in (job, scale):
+        parser_.add_argument("--layers", type=int, default=2, help="transformer layers (ViT-L has 24)")
+        parser_.add_argument("--images", type=int, default=16, help="images (N for scale)")
+        parser_.add_argument("--batch", type=int, default=4, help="images per model batch")
+        parser_.add_argument("--prompts", type=int, default=1, help="prompts in the set")
+        parser_.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        parser_.add_argument("--cpus-per-actor", type=float, default=1.0)
+        parser_.add_argument("--cpus-per-task", type=float, default=1.0)
+        parser_.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft")
+        parser_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        parser_.add_argument("--json", help="write the JSON record here too")
     planning = sub.add_parser("plan", help="resume planning over synthetic inputs and labels: time, memory, bytes read")
     planning.add_argument("--inputs", type=int, default=1_000_000, help="input files to list")
     planning.add_argument("--rows", type=int, default=1_000_000, help="rows in labels/ (the first keys, 1%% errors)")
@@ -581,7 +830,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout.add_argument("--images", type=int, default=8)
     heldout.add_argument("--first-seed", type=int, default=1000)
     args = parser.parse_args(argv)
-    {"model": benchmark_model, "pipeline": benchmark_pipeline, "plan": benchmark_plan,
+    {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale, "plan": benchmark_plan,
      "heldout": benchmark_heldout}[args.what](args)
 
 

@@ -12,6 +12,7 @@ feature ensemble): per stream up to and including the merge layer, over the merg
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ _ACTIVATIONS = {
     "selu": lambda: nn.SELU(),
 }
 EMBEDDING_TYPES = ("semantic", "instance")
+ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 @dataclass
@@ -45,7 +47,12 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Global multi-head attention with a decomposed relative-position bias (MViTv2), run by SDPA."""
+    """Global multi-head attention with a decomposed relative-position bias (MViTv2).
+
+    `backend` runs it: "sdpa" adds the bias as a dense (N, N) mask per row and head; "flex" adds it inside
+    FlexAttention's kernel from the two small tables (q . R_h, q . R_w), never holding the (N, N) bias in memory
+    (compiled on first use; the fast path on CUDA, slower than "sdpa" on CPU).
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, grid: tuple[int, int] | None) -> None:
         super().__init__()
@@ -54,6 +61,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = grid is not None
+        self.backend = "sdpa"
         if grid is not None:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid[1] - 1, head_dim))
@@ -62,26 +70,61 @@ class Attention(nn.Module):
         """Attend over the whole grid of each row; returns the heads' output before `proj`, (R, h, w, C).
 
         `prompt` (R, h/2, w, C) is the top half of each row; `inputs` (R/s, h/2, w, C) the bottom half, shared
-        by s consecutive rows, so that its projection is computed once.
+        by s consecutive rows, so that its projection is computed once (and copied once, into the grid).
         """
-        shared = prompt.shape[0] // inputs.shape[0]
-        qkv = torch.cat([self.qkv(prompt), _repeat_rows(self.qkv(inputs), shared)], dim=1)
+        top, bottom = self.qkv(prompt), self.qkv(inputs)
+        shared = top.shape[0] // bottom.shape[0]
+        qkv = torch.cat([top.unflatten(0, (-1, shared)), bottom[:, None].expand(-1, shared, -1, -1, -1)], dim=2)
+        qkv = qkv.flatten(0, 1)  # (R, h, w, 3C)
         R, h, w, _ = qkv.shape
         q, k, v = qkv.reshape(R, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (R, nh, N, hd) each
-        bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (R, nh, N, hd)
-        return x.transpose(1, 2).reshape(R, h, w, -1)
+        if not self.use_rel_pos:
+            x = F.scaled_dot_product_attention(q, k, v)
+        elif self.backend == "flex":
+            x = _flex_attention(q, k, v, *self._rel_pos_tables(q, h, w), w)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_bias(*self._rel_pos_tables(q, h, w), h, w))
+        return x.transpose(1, 2).reshape(R, h, w, -1)  # (R, nh, N, hd) -> (R, h, w, C)
 
-    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """bias[(qy, qx), (ky, kx)] = q . R_h[qy - ky] + q . R_w[qx - kx], as (R, nh, N, N)."""
+    def _rel_pos_tables(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q . R_h[qy - ky] as (R, nh, N, h) and q . R_w[qx - kx] as (R, nh, N, w), contiguous."""
         R, nh, N, hd = q.shape
         r_h = self.rel_pos_h[_relative_index(h, q.device)].to(q.dtype)  # (h, h, hd)
         r_w = self.rel_pos_w[_relative_index(w, q.device)].to(q.dtype)  # (w, w, hd)
         q = q.reshape(R, nh, h, w, hd)
-        bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h)  # (R, nh, h, w, h)
-        bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w)  # (R, nh, h, w, w)
-        bias = bias_h[..., :, None] + bias_w[..., None, :]  # (R, nh, h, w, h, w), contiguous: the reshape is free
-        return bias.reshape(R, nh, N, N)
+        bias_h = torch.einsum("bnyxc,ykc->bnyxk", q, r_h).reshape(R, nh, N, h)
+        bias_w = torch.einsum("bnyxc,xkc->bnyxk", q, r_w).reshape(R, nh, N, w)
+        return bias_h, bias_w
+
+
+def _dense_bias(bias_h: torch.Tensor, bias_w: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """bias[(qy, qx), (ky, kx)] = bias_h[(qy, qx), ky] + bias_w[(qy, qx), kx], as (R, nh, N, N).
+
+    Both tables are contiguous, so the sum is too and the final reshape copies nothing (a sum of the einsum
+    outputs as they come would be strided, and the reshape would copy the whole N x N bias once more).
+    """
+    R, nh, N, _ = bias_h.shape
+    return (bias_h.reshape(R, nh, N, h, 1) + bias_w.reshape(R, nh, N, 1, w)).reshape(R, nh, N, N)
+
+
+def _flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_h: torch.Tensor, bias_w: torch.Tensor, w: int
+) -> torch.Tensor:
+    """SDPA with the decomposed bias added per score inside FlexAttention's kernel: (R, nh, N, hd)."""
+
+    def add_rel_pos(score, row, head, query, key):
+        return score + bias_h[row, head, query, key // w] + bias_w[row, head, query, key % w]
+
+    return _compiled_flex_attention(q.device.type)(q, k, v, score_mod=add_rel_pos)
+
+
+@functools.cache
+def _compiled_flex_attention(device_type: str):
+    """FlexAttention compiled for a device; on the CPU for static shapes (one build per batch shape), since the
+    CPU kernel fails to build with dynamic ones (torch 2.13)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def _relative_index(size: int, device: torch.device) -> torch.Tensor:
@@ -214,6 +257,15 @@ class SegGpt(nn.Module):
             nn.init.normal_(token, std=std)
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
+    def set_attention(self, backend: str) -> SegGpt:
+        """Run every attention layer with `backend`: "sdpa" or "flex" (see `Attention`)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+        return self
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -311,8 +363,9 @@ class SegGpt(nn.Module):
         x = self.decoder_embed(torch.cat(features, dim=-1))  # (n, h, w, p * p * D)
         n, h, w, _ = x.shape
         p = self.config.patch_size
-        x = x.reshape(n, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(n, -1, h * p, w * p)
-        return self.decoder_pred(x)
+        x = x.reshape(n, h, w, p, p, -1).transpose(2, 3).reshape(n, h * p, w * p, -1)  # (n, H, W, D)
+        # Channels-last from here on: the convolutions take it as is, and LayerNorm2d's permute copies nothing.
+        return self.decoder_pred(x.permute(0, 3, 1, 2))
 
     def _masked_positions(self, bool_masked_pos: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """(B or 1, h * w) bool; default: the bottom half of the grid."""

@@ -140,6 +140,8 @@ class InputConfig:
     format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
     image_column: str = _option(_string, "image")
     exif_transpose: bool = _option(_boolean, True)  # turn images as their EXIF orientation says
+    # decode JPEGs at 1/2, 1/4 or 1/8 scale where that is still at least the model's size: faster, not exact
+    jpeg_draft: bool = _option(_boolean, False)
 
     @property
     def uris(self) -> tuple[str, ...]:
@@ -159,6 +161,7 @@ class PromptsConfig:
 class ModelConfig:
     checkpoint: str = _option(_location)
     dtype: str = _option(_choice("auto", "float32", "bfloat16", "float16"), "auto")
+    attention: str = _option(_choice("auto", "sdpa", "flex"), "auto")  # auto: flex on CUDA, sdpa on the CPU
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class ComputeConfig:
     actors: tuple[int, int] = _option(_actor_range, (1, 1))
     gpus_per_actor: str | float = _option(_gpus, "auto")
     cpus_per_actor: float = _option(_number, 1.0)
+    cpus_per_task: float = _option(_number, 1.0)  # each preprocess and postprocess task (decode, resize, PNG)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ from pipeline.read import count_inputs, list_inputs, pending_inputs, read_inputs
 from pipeline.resume import LabelsIndex, clean_labels, done_keys, foreign_labels, read_index, shard_images
 from pipeline.write import LabelWriter, prepare_output, read_job_file, write_job_files
 
-_CPU_STAGE_CPUS = 0.25  # preprocess, postprocess and write tasks: light, so that they never starve the model
+# The writers wait on storage: they hold no CPU, so that they never keep a CPU task (compute.cpus_per_task) or
+# the model from a node, and they are not fused with postprocess, which then scales in tasks of its own.
+_WRITER_CPUS = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,17 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
     ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options)
     ds = ds.map_batches(
         preprocess,
-        fn_kwargs={"size": job.model_config.input_size, "exif_transpose": config.input.exif_transpose},
+        fn_kwargs={"size": job.model_config.input_size, "exif_transpose": config.input.exif_transpose,
+                   "jpeg_draft": config.input.jpeg_draft},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
-        num_cpus=_CPU_STAGE_CPUS,
+        num_cpus=config.compute.cpus_per_task,
     )
     ds = ds.map_batches(
         SegGptPredictor,
         fn_constructor_args=(config.model.checkpoint, ray.put(job.prompts)),
-        fn_constructor_kwargs={"dtype": dtype, "storage_options": config.storage_options},
+        fn_constructor_kwargs={"dtype": dtype, "attention": config.model.attention,
+                               "storage_options": config.storage_options},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.compute.actors[0], max_size=config.compute.actors[1]),
@@ -120,7 +124,7 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
                    "prompt_set": job.prompts.fingerprint},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
-        num_cpus=_CPU_STAGE_CPUS,
+        num_cpus=config.compute.cpus_per_task,
     )
 
 
@@ -161,7 +165,7 @@ def autolabel(
             batch_size=output.rows_per_file,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
-            num_cpus=_CPU_STAGE_CPUS,
+            num_cpus=_WRITER_CPUS,
         )
         write_job_files(output.uri, options, _job_info(job, summary, started, runs, completed=False), success=False)
         start = last_report = time.monotonic()

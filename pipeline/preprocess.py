@@ -11,10 +11,13 @@ from PIL import Image, ImageOps
 from model.processing import prepare_image
 
 
-def preprocess(batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_transpose: bool) -> dict[str, Any]:
+def preprocess(
+    batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_transpose: bool, jpeg_draft: bool = False
+) -> dict[str, Any]:
     """`map_batches` function (numpy batches): adds `status`, `width`, `height`, `pixels`; drops `bytes`.
 
-    `width`/`height` are those of the image as shown (after EXIF orientation when `exif_transpose`).
+    `width`/`height` are those of the image as shown (after EXIF orientation when `exif_transpose`), at full size
+    also when `jpeg_draft` has a JPEG decoded at a reduced scale (still at least `size` on each side).
     A row that cannot be decoded gets status "error", a readable message, and zero pixels. Every column
     has a fixed numpy dtype (`error` is a string array, "" where there is none), never an object array
     of Nones whose type Ray would have to guess per batch.
@@ -28,7 +31,7 @@ def preprocess(batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_tran
     for i, (key, data) in enumerate(zip(batch["key"], batch["bytes"])):
         if not errors[i]:
             try:
-                pixels[i], width[i], height[i] = _decode(data, key, size, exif_transpose)
+                pixels[i], width[i], height[i] = _decode(data, key, size, exif_transpose, jpeg_draft)
             except Exception as error:  # a bad image must never stop the job
                 errors[i] = _describe(error)
         if errors[i]:
@@ -45,14 +48,23 @@ def preprocess(batch: dict[str, np.ndarray], *, size: tuple[int, int], exif_tran
     }
 
 
-def _decode(data: bytes | None, key: str, size: tuple[int, int], exif_transpose: bool) -> tuple[np.ndarray, int, int]:
+def _decode(
+    data: bytes | None, key: str, size: tuple[int, int], exif_transpose: bool, jpeg_draft: bool
+) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ValueError("empty file")
     with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if jpeg_draft and image.format == "JPEG":
+            side = max(size)  # the orientation may turn the image: ask for the larger side both ways
+            image.draft("RGB", (side, side))
         image.load()
         if exif_transpose:
-            image = ImageOps.exif_transpose(image)
-        return prepare_image(image, size, exif_transpose=False, name=key), image.width, image.height
+            turned = ImageOps.exif_transpose(image)
+            if turned.size != image.size:  # a quarter turn: the image as shown is `height` wide
+                width, height = height, width
+            image = turned
+        return prepare_image(image, size, exif_transpose=False, name=key), width, height
 
 
 def _describe(error: Exception) -> str:

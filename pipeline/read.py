@@ -83,7 +83,8 @@ WORK_SCHEMA = pa.schema([*LISTING_SCHEMA, pa.field("skip", pa.list_(pa.string())
 # `<shard key>/<member>`: the shard key is the longest prefix ending in a shard extension
 _SHARD_MEMBER = r"^(?P<shard>.+\.(?i:tar|tar\.gz|tgz|parquet))/"
 
-_IMAGES_PER_BLOCK = 64  # loose files read by one task
+_IMAGES_PER_BLOCK = 64  # loose files read by one task ...
+_FETCH_THREADS = 16  # ... this many at a time
 _FLUSH_ROWS = 256  # rows per output table of a read task ...
 _FLUSH_BYTES = 64 << 20  # ... or fewer, once their bytes reach this
 _PARQUET_BATCH_ROWS = 64
@@ -327,7 +328,7 @@ def _shard_members(file: dict[str, str], storage_options: dict[str, Any], image_
 
 
 def read_inputs(
-    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], num_cpus: float = 0.5
+    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], num_cpus: float = 0.25
 ) -> ray.data.Dataset:
     """A lazy dataset of `READ_SCHEMA` rows, one per image of the work items (see `pending_inputs`).
 
@@ -350,33 +351,39 @@ def read_inputs(
 
 
 def _read_items(items: pa.Table, *, image_column: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """Ray task body: the rows of a block of work items, as tables of bounded size."""
+    """Ray task body: the rows of a block of work items, as tables of bounded size.
+
+    The loose files of a block are fetched concurrently (`_FETCH_THREADS`), their rows kept in order; a shard
+    streams its rows from this thread.
+    """
+
+    def rows_of(item: dict[str, Any]) -> Iterable[dict[str, Any]]:
+        if item["kind"] == "images":
+            return [_read_image(item, storage_options)]
+        members = _tar_members if item["kind"] == "webdataset" else _parquet_rows
+        return _read_shard(item, members, image_column, storage_options)
+
     rows: list[dict[str, Any]] = []
     size = 0
-    for item in items.to_pylist():
-        if item["kind"] == "images":
-            item_rows = _read_image(item, storage_options)
-        else:
-            members = _tar_members if item["kind"] == "webdataset" else _parquet_rows
-            item_rows = _read_shard(item, members, image_column, storage_options)
-        for row in item_rows:
-            rows.append(row)
-            size += len(row["bytes"])
-            if size >= _FLUSH_BYTES or len(rows) >= _FLUSH_ROWS:
-                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-                rows, size = [], 0
+    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        for item_rows in pool.map(rows_of, items.to_pylist()):
+            for row in item_rows:
+                rows.append(row)
+                size += len(row["bytes"])
+                if size >= _FLUSH_BYTES or len(rows) >= _FLUSH_ROWS:
+                    yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+                    rows, size = [], 0
     if rows:
         yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def _read_image(item: dict[str, Any], storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _read_image(item: dict[str, Any], storage_options: dict[str, Any]) -> dict[str, Any]:
     try:
         fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
         data = _with_retries(lambda: fs.cat_file(path))
     except Exception as error:
-        yield _row(item["key"], item["source"], error=_message(error))
-        return
-    yield _row(item["key"], item["source"], data)
+        return _row(item["key"], item["source"], error=_message(error))
+    return _row(item["key"], item["source"], data)
 
 
 # A shard's image rows: (member name or row index, bytes or None, error or None, shard_images)
