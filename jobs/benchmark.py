@@ -1,10 +1,22 @@
-"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|plan|heldout [options]`.
+"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|scale|plan|heldout`.
 
-`model` times our `SegGpt.predict` against `transformers.SegGptForImageSegmentation` in one process, with
-the same random weights, config, dtype and batch, alternating the two so that machine noise hits both.
+Each prints a short table and, as its last line, a JSON record (also written to `--json PATH`).
 
-`pipeline` runs the whole job on local Ray over synthetic JPEGs and times the model alone on the same batches in
-the same run: the job's images/s over the model's is the share of time the model is busy (one actor).
+`model` times our `SegGpt.predict` against `transformers.SegGptForImageSegmentation` at the same config, batch and
+prompts, each variant in its own process as a user runs it, alternated round by round so that the machine's drift
+hits all of them: ours at each `--dtypes` (as the inference actor runs it: on the CPU with freed memory kept for
+reuse, `model.memory`), the reference as it comes, and on the CPU the reference with glibc's malloc tuned the same
+way by environment, so that nobody mistakes the allocator's gain for ours. Images/s, the ratios, TFLOP/s of our
+predict's work (counted by torch) and, on a GPU, its share of the GPU's dense peak (MFU).
+
+`pipeline` runs the whole job on a fresh local Ray over synthetic JPEGs and times the model alone on the same
+batches in the same run: end-to-end images/s, model-only images/s, their ratio, and the peak memory of the driver
+and of every Ray process (sampled from /proc).
+
+`scale` runs the whole job at N and 10 N images: time per image and the peak memory of every process at each size.
+
+`cpu-stages` times preprocess (decode + resize, with and without `input.jpeg_draft`) and postprocess (upsample,
+PNG, counts) per image on one core at several image sizes, and says how many cores keep one GPU busy.
 
 `heldout` runs the whole labelling job with a checkpoint (default: the demo's bundled model) on held-out synthetic
 tasks and scores it with `evaluate`.
@@ -392,6 +404,60 @@ def benchmark_scale(args: argparse.Namespace) -> None:
           f"{growth.get('driver', float('nan')):.2f}x; sum of all processes' peaks "
           f"{sum(large['peaks_kib'].values()) / sum(small['peaks_kib'].values()):.2f}x")
     _write_record(args.json, {"benchmark": "scale", **vars(args), "runs": runs, "growth": growth})
+
+
+def benchmark_cpu_stages(args: argparse.Namespace) -> None:
+    """The CPU work around the model, per image on one core (this process, one thread): decode + resize
+    (`preprocess`, with and without `input.jpeg_draft`) and upsample + PNG + counts (`postprocess`), at each
+    `--sizes`; then the cores one GPU needs to be kept busy at `--gpu-images-per-second`."""
+    from model.processing import build_palette
+    from pipeline.postprocess import postprocess
+    from pipeline.preprocess import preprocess
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    palette = build_palette(3)
+    gpu_rate = args.gpu_images_per_second or (
+        GPU_PEAK_TFLOPS["H100"]["bfloat16"] * 1e12 * args.mfu / model_flops(vit_large(24), 1, args.prompts))
+    print(f"CPU stages per image on one core ({os.cpu_count()} CPUs here), {args.images} photo-like JPEGs per size "
+          f"(quality 90); one GPU labelling {gpu_rate:.0f} images/s ({args.prompts} prompt(s))"
+          + ("" if args.gpu_images_per_second else
+             f": ViT-L bfloat16 at {args.mfu:.0%} of an H100's dense peak, an estimate until measured on one"))
+    print(f"  {'size':<12}{'decode+resize':>15}{'draft':>9}{'post':>8}{'cores/GPU':>11}{'with draft':>12}")
+    rows = {}
+    for size in args.sizes:
+        width, height = (int(v) for v in size.split("x"))
+        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        photo = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        buffer = tempfile.SpooledTemporaryFile()
+        photo.save(buffer, format="JPEG", quality=90)
+        buffer.seek(0)
+        data = buffer.read()
+        batch = {"key": np.array([f"{i}.jpg" for i in range(args.images)], object),
+                 "source": np.array(["x"] * args.images, object), "bytes": np.array([data] * args.images, object),
+                 "error": np.array([None] * args.images, object), "shard_images": np.zeros(args.images, np.int64)}
+        timings = {}
+        warm = preprocess({name: column[:1] for name, column in batch.items()}, size=(448, 448), exif_transpose=True)
+        warm["class_map"], warm["score"] = np.zeros((1, 448, 448), np.uint8), np.ones(1, np.float32)
+        postprocess(warm, palette=palette, model="m", prompt_set="p")  # first calls: lazy imports and set-up
+        for draft in (False, True):
+            start = time.perf_counter()
+            pre = preprocess(dict(batch), size=(448, 448), exif_transpose=True, jpeg_draft=draft)
+            timings["draft" if draft else "decode"] = (time.perf_counter() - start) / args.images
+        pre.pop("pixels")
+        blocks = rng.integers(0, 4, (args.images, 14, 14), dtype=np.uint8)  # regions, as a model paints them
+        pre["class_map"] = blocks.repeat(32, axis=1).repeat(32, axis=2)
+        pre["score"] = np.ones(args.images, np.float32)
+        start = time.perf_counter()
+        postprocess(pre, palette=palette, model="m", prompt_set="p")
+        timings["post"] = (time.perf_counter() - start) / args.images
+        timings["cores_per_gpu"] = gpu_rate * (timings["decode"] + timings["post"])
+        timings["cores_per_gpu_draft"] = gpu_rate * (timings["draft"] + timings["post"])
+        rows[size] = timings
+        print(f"  {size:<12}{timings['decode'] * 1e3:12.1f} ms{timings['draft'] * 1e3:6.1f} ms"
+              f"{timings['post'] * 1e3:5.1f} ms{timings['cores_per_gpu']:11.1f}{timings['cores_per_gpu_draft']:12.1f}")
+    _write_record(args.json, {"benchmark": "cpu-stages", **vars(args), "gpu_images_per_second": gpu_rate,
+                              "per_image_seconds": rows})
 
 
 # --- plan: resume planning at scale -----------------------------------------------------------------
@@ -817,6 +883,13 @@ def main(argv: list[str] | None = None) -> None:
         parser_.add_argument("--jpeg-draft", action="store_true", help="input.jpeg_draft")
         parser_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         parser_.add_argument("--json", help="write the JSON record here too")
+    stages = sub.add_parser("cpu-stages", help="preprocess and postprocess per image on one core; cores per GPU")
+    stages.add_argument("--sizes", nargs="+", default=["640x480", "1920x1080", "4000x3000"], help="WIDTHxHEIGHT")
+    stages.add_argument("--images", type=int, default=8, help="images per size")
+    stages.add_argument("--prompts", type=int, default=1, help="prompts per image (the GPU's work per image)")
+    stages.add_argument("--gpu-images-per-second", type=float, help="a measured GPU rate (default: estimated)")
+    stages.add_argument("--mfu", type=float, default=0.5, help="the estimate's share of the GPU's peak")
+    stages.add_argument("--json", help="write the JSON record here too")
     planning = sub.add_parser("plan", help="resume planning over synthetic inputs and labels: time, memory, bytes read")
     planning.add_argument("--inputs", type=int, default=1_000_000, help="input files to list")
     planning.add_argument("--rows", type=int, default=1_000_000, help="rows in labels/ (the first keys, 1%% errors)")
@@ -830,7 +903,8 @@ def main(argv: list[str] | None = None) -> None:
     heldout.add_argument("--images", type=int, default=8)
     heldout.add_argument("--first-seed", type=int, default=1000)
     args = parser.parse_args(argv)
-    {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale, "plan": benchmark_plan,
+    {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale,
+     "cpu-stages": benchmark_cpu_stages, "plan": benchmark_plan,
      "heldout": benchmark_heldout}[args.what](args)
 
 

@@ -298,6 +298,18 @@ def upsample_class_map(class_map: np.ndarray, size: tuple[int, int]) -> np.ndarr
     return class_map[:, cols][rows]
 
 
+def upsampled_class_counts(class_map: np.ndarray, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Pixels of each class in `upsample_class_map(class_map, size)`, (num_classes,) int64, without upsampling.
+
+    Each source pixel stands for (output rows mapped to its row) x (output columns mapped to its column) pixels,
+    so the counts come from the small map: at 12 MP that is 60 times fewer pixels to count.
+    """
+    rows = np.bincount(_nearest_index(class_map.shape[0], size[0]), minlength=class_map.shape[0])
+    cols = np.bincount(_nearest_index(class_map.shape[1], size[1]), minlength=class_map.shape[1])
+    weights = np.outer(rows, cols).ravel()
+    return np.bincount(class_map.ravel(), weights=weights, minlength=num_classes).astype(np.int64)
+
+
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     scale = np.float32(n_in) / np.float32(n_out)
     index = np.floor(np.arange(n_out).astype(np.float32) * scale).astype(np.intp)

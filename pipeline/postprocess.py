@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from model.processing import encode_png, upsample_class_map
+from model.processing import encode_png, upsample_class_map, upsampled_class_counts
 from pipeline.write import LABELS_SCHEMA
 
 
@@ -23,9 +23,9 @@ def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str
     class_ids: list[list[int]] = [[] for _ in range(n)]
     pixel_counts: list[list[int]] = [[] for _ in range(n)]
     for i in np.flatnonzero(ok):
-        full = upsample_class_map(batch["class_map"][i], (int(batch["height"][i]), int(batch["width"][i])))
-        masks[i] = encode_png(full, palette)
-        counts = np.bincount(full.ravel(), minlength=len(palette))
+        size = (int(batch["height"][i]), int(batch["width"][i]))
+        masks[i] = encode_png(upsample_class_map(batch["class_map"][i], size), palette)
+        counts = upsampled_class_counts(batch["class_map"][i], size, len(palette))
         class_ids[i] = np.flatnonzero(counts).tolist()
         pixel_counts[i] = counts[counts > 0].tolist()
     shard_images = np.asarray(batch["shard_images"], dtype=np.int64)

@@ -61,10 +61,12 @@ def test_full_config_keeps_every_value():
                 "format": "parquet",
                 "image_column": "img",
                 "exif_transpose": False,
+                "jpeg_draft": True,
             },
-            "model": {"checkpoint": "ckpt", "dtype": "bfloat16"},
+            "model": {"checkpoint": "ckpt", "dtype": "bfloat16", "attention": "flex"},
             "output": {"uri": "out", "png": False, "resume": False},
-            "compute": {"batch_size": 4, "actors": [1, 3], "gpus_per_actor": 0.5, "cpus_per_actor": 2},
+            "compute": {"batch_size": 4, "actors": [1, 3], "gpus_per_actor": 0.5, "cpus_per_actor": 2,
+                        "cpus_per_task": 0.5},
             "storage_options": {"anon": True},
         }
     )
@@ -72,6 +74,7 @@ def test_full_config_keeps_every_value():
     assert config.input.uris == (f"{cwd}/a", f"{cwd}/b/*.jpg") and config.input.exif_transpose is False
     assert (config.model.checkpoint, config.output.uri) == (f"{cwd}/ckpt", f"{cwd}/out")
     assert config.compute.actors == (1, 3) and config.compute.gpus_per_actor == 0.5
+    assert config.input.jpeg_draft is True and config.model.attention == "flex" and config.compute.cpus_per_task == 0.5
     assert config.output.png is False and config.storage_options == {"anon": True}
 
 

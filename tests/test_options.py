@@ -96,8 +96,9 @@ def prompt_tensors(prompts: Path, size: tuple[int, int], mask_format: str = "lab
 
 @torch.inference_mode()
 def model_map(assets: Path, image: Image.Image, *, embedding: str = "semantic", dtype: str = "float32",
-              prompts: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """The model package's class map for one PIL image taken as it is (no EXIF handling), at its size."""
+              prompts: tuple[np.ndarray, np.ndarray] | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The model package's class map for one PIL image taken as it is (no EXIF handling), at its size (or at
+    `size`, (height, width))."""
     model = model_of(str(assets / "checkpoint"), dtype)
     size = model.config.input_size
     images, masks = prompt_tensors(assets / "prompts", size) if prompts is None else prompts
@@ -106,7 +107,7 @@ def model_map(assets: Path, image: Image.Image, *, embedding: str = "semantic", 
     images, masks = (normalize(torch.from_numpy(array), torch_dtype) for array in (images, masks))
     pred = model.predict(normalize(pixels, torch_dtype), images, masks, num_prompts=k, embedding_type=embedding)
     ids, _ = masks_to_class_ids(pred, torch.from_numpy(PALETTE))
-    return upsample_class_map(ids[0].numpy(), (image.height, image.width))
+    return upsample_class_map(ids[0].numpy(), size or (image.height, image.width))
 
 
 def shown(data: bytes) -> Image.Image:
@@ -249,3 +250,25 @@ def test_bfloat16(assets, dataset, baseline, tmp_path):
     assert job["config"]["model"]["dtype"] == "bfloat16"
     assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
     assert (output / "_SUCCESS").exists()
+
+
+def test_jpeg_draft_flex_attention_and_fractional_cpu_tasks(assets, tmp_path, ray_session):
+    """`input.jpeg_draft`, `model.attention: flex` and `compute.cpus_per_task: 0.5` in one run. Each 256x192 JPEG is
+    labelled from PIL's draft decoding (1/4 scale, 64x48: the smallest still >= the model's 32x32) and its row keeps
+    the full size; FlexAttention labels as the model package does with SDPA."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    images = {f"large{i}.jpg": encoded(picture(400 + i, (256, 192))) for i in range(4)}  # 2 batches of 2
+    for key, data in images.items():
+        (folder / key).write_bytes(data)
+    rows = run_job(assets, str(folder), tmp_path / "out", input={"jpeg_draft": True}, model={"attention": "flex"},
+                   compute={"cpus_per_task": 0.5})
+    assert sorted(rows) == sorted(images)
+    for key, data in images.items():
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (32, 32))
+        image.load()
+        assert image.size == (64, 48)
+        expected = model_map(assets, image, size=(192, 256))
+        check_row(rows[key], expected)
+        assert not np.array_equal(expected, model_map(assets, Image.open(io.BytesIO(data)))), "draft changed nothing"

@@ -36,8 +36,8 @@ def _batch(rows: list[tuple[str, bytes, str | None]]) -> dict[str, np.ndarray]:
     return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
-def _run(rows, *, exif_transpose: bool = True, size=SIZE) -> dict[str, np.ndarray]:
-    out = preprocess(_batch(rows), size=size, exif_transpose=exif_transpose)
+def _run(rows, *, exif_transpose: bool = True, size=SIZE, jpeg_draft: bool = False) -> dict[str, np.ndarray]:
+    out = preprocess(_batch(rows), size=size, exif_transpose=exif_transpose, jpeg_draft=jpeg_draft)
     _check_columns(out, rows, size)
     return out
 
@@ -163,6 +163,27 @@ def test_exif_rotated_jpeg(orientation):
         image = Image.open(io.BytesIO(data))
         np.testing.assert_array_equal(stored["pixels"][0], prepare_image(image, SIZE, exif_transpose=False))
     assert not np.array_equal(shown["pixels"][0], stored["pixels"][0])
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_and_keeps_the_full_size():
+    """A 200x120 JPEG (shown 120x200) for a model side of 24: the decoder's 1/4 scale (50x30) is the smallest
+    still at least 24 both ways (1/8 would give 25x15). Width and height stay those of the full image."""
+    data = _oriented_jpeg(6, w=200, h=120)
+    draft = _run([("r.jpg", data, None)], jpeg_draft=True)
+    full = _run([("r.jpg", data, None)])
+    assert (draft["width"][0], draft["height"][0]) == (full["width"][0], full["height"][0]) == (120, 200)
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (24, 24))
+        image.load()
+        assert image.size == (50, 30)
+        expected = prepare_image(ImageOps.exif_transpose(image), SIZE, exif_transpose=False)
+    np.testing.assert_array_equal(draft["pixels"][0], expected)
+    assert not np.array_equal(draft["pixels"][0], full["pixels"][0])
+    stored = _run([("r.jpg", data, None)], jpeg_draft=True, exif_transpose=False)
+    assert (stored["width"][0], stored["height"][0]) == (200, 120)
+    png = _encode(_photo(200, 120), "PNG")  # not a JPEG: decoded in full as always
+    np.testing.assert_array_equal(_run([("p.png", png, None)], jpeg_draft=True)["pixels"][0],
+                                  _run([("p.png", png, None)])["pixels"][0])
 
 
 # ----------------------------------------------------------------------------- bad rows

@@ -258,6 +258,19 @@ def test_upsample_keeps_dtype():
     np.testing.assert_array_equal(out, expected[0, 0].numpy().astype(np.int16))
 
 
+@pytest.mark.parametrize(("shape", "size"), [((5, 7), (11, 13)), ((448, 448), (1080, 1920)), ((448, 448), (300, 97)),
+                                             ((3, 4), (3, 4)), ((448, 448), (4000, 3000))])
+def test_upsampled_class_counts_are_those_of_the_upsampled_map(shape, size):
+    class_map = rng(shape[0]).integers(0, 5, shape).astype(np.uint8)
+    class_map[class_map == 3] = 0  # a class with no pixel counts 0
+    expected = F.interpolate(torch.from_numpy(class_map).float()[None, None], size=size, mode="nearest")
+    counts = np.bincount(expected[0, 0].long().numpy().ravel(), minlength=6)
+    got = P.upsampled_class_counts(class_map, size, 6)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, counts)
+    assert got.sum() == size[0] * size[1] and got[3] == 0
+
+
 # ----------------------------------------------------------------------------- PNG
 
 
