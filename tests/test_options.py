@@ -96,9 +96,9 @@ def prompt_tensors(prompts: Path, size: tuple[int, int], mask_format: str = "lab
 
 @torch.inference_mode()
 def model_map(assets: Path, image: Image.Image, *, embedding: str = "semantic", dtype: str = "float32",
-              prompts: tuple[np.ndarray, np.ndarray] | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+              prompts: tuple[np.ndarray, np.ndarray] | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """The model package's class map for one PIL image taken as it is (no EXIF handling), at its size (or at
-    `size`, (height, width))."""
+    `shape`, (height, width))."""
     model = model_of(str(assets / "checkpoint"), dtype)
     size = model.config.input_size
     images, masks = prompt_tensors(assets / "prompts", size) if prompts is None else prompts
@@ -107,7 +107,7 @@ def model_map(assets: Path, image: Image.Image, *, embedding: str = "semantic", 
     images, masks = (normalize(torch.from_numpy(array), torch_dtype) for array in (images, masks))
     pred = model.predict(normalize(pixels, torch_dtype), images, masks, num_prompts=k, embedding_type=embedding)
     ids, _ = masks_to_class_ids(pred, torch.from_numpy(PALETTE))
-    return upsample_class_map(ids[0].numpy(), size or (image.height, image.width))
+    return upsample_class_map(ids[0].numpy(), shape or (image.height, image.width))
 
 
 def shown(data: bytes) -> Image.Image:
@@ -269,6 +269,6 @@ def test_jpeg_draft_flex_attention_and_fractional_cpu_tasks(assets, tmp_path, ra
         image.draft("RGB", (32, 32))
         image.load()
         assert image.size == (64, 48)
-        expected = model_map(assets, image, size=(192, 256))
+        expected = model_map(assets, image, shape=(192, 256))
         check_row(rows[key], expected)
         assert not np.array_equal(expected, model_map(assets, Image.open(io.BytesIO(data)))), "draft changed nothing"
