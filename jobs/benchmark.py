@@ -211,11 +211,12 @@ def _write_record(path: str | None, record: dict) -> None:
 
 
 class ProcessPeaks:
-    """Peak resident memory (VmHWM, KiB) of this process and of every process under it (a local Ray's GCS, raylet
-    and workers), sampled from /proc every `interval_s` while in the `with` block: a process that ends between two
+    """Peak resident memory (KiB) of this process and of every process under it (a local Ray's GCS, raylet and
+    workers), sampled from /proc every `interval_s` while in the `with` block: a process that ends between two
     samples loses at most its last interval's growth.
 
-    `peaks` maps each pid to its peak and the Ray task or actor names it ran (from its process title).
+    `peaks` maps each pid to its peak (VmHWM), its largest private resident memory sampled (RssAnon) and the Ray
+    task or actor names it ran (from its process title).
     """
 
     def __init__(self, interval_s: float = 0.25) -> None:
@@ -234,12 +235,16 @@ class ProcessPeaks:
         self._thread.join()
         self._sample()
 
-    def by_role(self) -> dict[str, int]:
-        """The largest peak of each kind of process: the driver, Ray's own, and each worker by what it ran."""
+    def by_role(self, measure: str = "kib") -> dict[str, int]:
+        """The largest peak of each kind of process: the driver, Ray's own, and each worker by what it ran.
+
+        `measure` "kib": the resident peak (VmHWM), which counts the pages of Ray's shared object store that a
+        process has touched; "private_kib": the largest private resident memory sampled (RssAnon).
+        """
         roles: dict[str, int] = {}
         for peak in self.peaks.values():
             role = " + ".join(sorted(peak["names"])) or "ray worker (idle)"
-            roles[role] = max(roles.get(role, 0), peak["kib"])
+            roles[role] = max(roles.get(role, 0), peak[measure])
         return dict(sorted(roles.items(), key=lambda item: -item[1]))
 
     def _run(self) -> None:
@@ -250,23 +255,28 @@ class ProcessPeaks:
         me = os.getpid()
         for pid in [me, *_descendants(me)]:
             try:
-                kib = _status_kib("VmHWM", pid)
+                status = Path(f"/proc/{pid}/status").read_text()
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             except (OSError, ValueError):
                 continue  # ended meanwhile
-            peak = self.peaks.setdefault(pid, {"kib": 0, "names": set()})
-            peak["kib"] = max(peak["kib"], kib)
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            kib = {name: int(fields.get(name, "0 kB").split()[0]) for name in ("VmHWM", "RssAnon")}
+            peak = self.peaks.setdefault(pid, {"kib": 0, "private_kib": 0, "names": set()})
+            peak["kib"] = max(peak["kib"], kib["VmHWM"])
+            peak["private_kib"] = max(peak["private_kib"], kib["RssAnon"])
             name = "driver" if pid == me else _process_role(title)
             if name:
                 peak["names"].add(name)
 
 
 def _process_role(title: str) -> str | None:
-    """`ray::MapWorker(MapBatches(SegGptPredictor))` -> the same; `.../raylet ...` -> `raylet`; None when idle."""
+    """`ray::MapWorker(MapBatches(SegGptPredictor))` -> the same; `.../raylet ...` -> `raylet`; None when idle or
+    not yet named."""
     if title.startswith("ray::"):
         name = title.split()[0]
         return None if name == "ray::IDLE" else name
-    return Path(title.split()[0]).name if title else None
+    name = Path(title.split()[0]).name if title.strip() else ""
+    return None if not name or name.startswith("python") else name  # a worker before it names itself
 
 
 def _descendants(pid: int) -> list[int]:
@@ -326,7 +336,8 @@ def _measured_job(job: dict) -> dict:
         summary = autolabel(job, log=lambda line: None)
         ray.shutdown()  # inside: Ray's processes are sampled up to their end
     return {"images": summary.ok + summary.error, "ok": summary.ok, "seconds": summary.seconds,
-            "images_per_second": summary.images_per_second, "peaks_kib": peaks.by_role()}
+            "images_per_second": summary.images_per_second, "peaks_kib": peaks.by_role(),
+            "private_peaks_kib": peaks.by_role("private_kib")}
 
 
 def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) -> float:
@@ -354,7 +365,7 @@ def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) ->
 
 
 def _print_peaks(peaks: dict[str, dict[str, int]]) -> None:
-    """A table of peak memory by process kind, one column per run."""
+    """A table of peak memory by process kind, one column per run or measure."""
     runs = list(peaks)
     roles = list(dict.fromkeys(role for run in runs for role in peaks[run]))
     print(f"  {'peak RSS (MiB)':<58}" + "".join(f"{run:>12}" for run in runs))
@@ -379,7 +390,7 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
     print(f"      job: {run['images_per_second']:8.4f} images/s ({run['ok']} ok in {run['seconds']:.1f} s)")
     print(f"    model: {model_rate:8.4f} images/s (predict alone, same batches, one process as the actor)")
     print(f"     busy: {run['images_per_second'] / model_rate:.0%} of the model-only rate")
-    _print_peaks({"job": run["peaks_kib"]})
+    _print_peaks({"peak RSS": run["peaks_kib"], "private": run["private_peaks_kib"]})
     _write_record(args.json, {"benchmark": "pipeline", **vars(args), "job": run, "model_images_per_second": model_rate,
                               "ratio": run["images_per_second"] / model_rate})
 
@@ -396,13 +407,16 @@ def benchmark_scale(args: argparse.Namespace) -> None:
     print(f"config: {_job_description(args)}")
     for images, run in runs.items():
         print(f"  {images:>6} images: {run['seconds'] / images:.3f} s/image ({run['images_per_second']:.3f} images/s)")
-    _print_peaks({f"{images} images": run["peaks_kib"] for images, run in runs.items()})
-    growth = {role: large["peaks_kib"][role] / kib for role, kib in small["peaks_kib"].items()
-              if role in large["peaks_kib"]}
-    worst = max(growth, key=growth.get)
-    print(f"  peak memory 10N / N: largest growth {growth[worst]:.2f}x ({worst}); driver "
-          f"{growth.get('driver', float('nan')):.2f}x; sum of all processes' peaks "
-          f"{sum(large['peaks_kib'].values()) / sum(small['peaks_kib'].values()):.2f}x")
+    growth = {}
+    for measure, title in (("peaks_kib", "peak RSS"), ("private_peaks_kib", "peak private RSS (no object store)")):
+        print(f"  {title}:")
+        _print_peaks({f"{images} images": run[measure] for images, run in runs.items()})
+        growth[measure] = {role: large[measure][role] / kib for role, kib in small[measure].items()
+                           if role in large[measure] and kib}
+        worst = max(growth[measure], key=growth[measure].get)
+        print(f"  {title} 10N / N: largest growth {growth[measure][worst]:.2f}x ({worst}); driver "
+              f"{growth[measure].get('driver', float('nan')):.2f}x; sum over processes "
+              f"{sum(large[measure].values()) / sum(small[measure].values()):.2f}x")
     _write_record(args.json, {"benchmark": "scale", **vars(args), "runs": runs, "growth": growth})
 
 

@@ -29,5 +29,5 @@ def test_peaks_of_a_grandchild_that_ended():
 
 def test_process_roles_from_titles():
     assert _process_role("ray::MapWorker(MapBatches(SegGptPredictor)) ") == "ray::MapWorker(MapBatches(SegGptPredictor))"
-    assert _process_role("ray::IDLE") is None
+    assert _process_role("ray::IDLE") is None and _process_role("/usr/bin/python3.11 -u worker.py") is None
     assert _process_role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --node=x") == "raylet"
