@@ -13,8 +13,8 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every block from its heap and keep freed memory for reuse.
 
     A forward pass allocates and frees tensors of 10 to 300 MB. By default glibc maps each one afresh and
-    unmaps it when freed, so every page of every such tensor faults on first touch: a third of a ViT-L
-    forward pass on a 2-core CPU. With this, the process's resident memory stays at its peak instead.
+    unmaps it when freed, so every page of every such tensor faults on first touch (the `transformers` model
+    spends a third of a ViT-L forward pass on a 2-core CPU so). With this, resident memory stays at its peak.
     Returns False (and changes nothing) where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
