@@ -119,7 +119,7 @@ def _model_child(spec: dict) -> None:
         if device.type == "cpu":
             keep_freed_memory()  # as the inference actor does
         ours = SegGpt(SegGptConfig(**config)).eval().to(device, dtype)
-        ours.set_attention(spec["attention"] or ("flex" if device.type == "cuda" else "sdpa"))
+        ours.set_attention(spec["attention"])
 
         def run(images, prompt_images, prompt_masks):
             return ours.predict(images, prompt_images, prompt_masks, num_prompts=k)
@@ -181,8 +181,7 @@ def benchmark_model(args: argparse.Namespace) -> None:
     for name, result in results.items():
         seconds = statistics.median(result["times"])
         result.update(images_per_second=args.batch / seconds, tflops=flops / seconds / 1e12)
-        dtype = name.split()[1].rstrip(",")
-        peak = gpu_peak_tflops(dtype) if args.device == "cuda" else None
+        peak = gpu_peak_tflops(variants[name][0]["dtype"]) if args.device == "cuda" else None
         result["mfu"] = result["tflops"] / peak if peak else None
         mfu = f"{result['mfu']:.0%}" if result["mfu"] is not None else "-"
         print(f"  {name:<34}{result['images_per_second']:10.4f}{seconds / args.batch:9.2f}{result['tflops']:9.3f}"
@@ -349,7 +348,7 @@ def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) ->
         torch.set_num_threads(max(1, int(args.cpus_per_actor)))  # as Ray gives the actor (OMP_NUM_THREADS)
         keep_freed_memory()
     model = load_model(checkpoint, dtype=args.dtype, device=args.device)
-    model.set_attention("flex" if args.device == "cuda" else "sdpa")
+    model.set_attention("auto")
     k, dtype, device = args.prompts, DTYPES[args.dtype], torch.device(args.device)
     pixels = torch.randint(0, 256, (args.batch * k, 448, 448, 3), dtype=torch.uint8, device=device)
     prompts = [normalize(pixels, dtype) for _ in range(2)]
@@ -878,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--prompts", type=int, default=1, help="prompts per image (feature ensemble)")
     model.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"], help="ours at each")
     model.add_argument("--reference-dtype", choices=sorted(DTYPES), default="float32")
-    model.add_argument("--attention", choices=["sdpa", "flex"], default=None,
+    model.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
                        help="our attention backend (default: flex on CUDA, sdpa on the CPU)")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     model.add_argument("--iters", type=int, default=2, help="timed batches per process, after one warm-up")

@@ -258,7 +258,10 @@ class SegGpt(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
     def set_attention(self, backend: str) -> SegGpt:
-        """Run every attention layer with `backend`: "sdpa" or "flex" (see `Attention`)."""
+        """Run every attention layer with `backend`: "sdpa", "flex" (see `Attention`), or "auto": flex where the
+        model's weights are on CUDA, sdpa elsewhere (where FlexAttention is slower)."""
+        if backend == "auto":
+            backend = "flex" if self.pos_embed.device.type == "cuda" else "sdpa"
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
         for module in self.modules():

@@ -38,8 +38,6 @@ class SegGptPredictor:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.model = load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options)
-        if attention == "auto":
-            attention = "flex" if self.device.type == "cuda" else "sdpa"
         self.model.set_attention(attention)
         self.dtype = self.model.pos_embed.dtype
         self.prompt_images = normalize(torch.from_numpy(prompt_set.images).to(self.device), self.dtype)

@@ -36,8 +36,17 @@ def test_flex_attention_equals_sdpa_on_the_cpu():
     assert _max_relative_difference(model.predict(**x, num_prompts=2), sdpa) > 1e-2
 
 
-def test_unknown_attention_backend_is_refused():
+def test_auto_attention_is_sdpa_on_the_cpu_and_unknown_backends_are_refused():
     model = SegGpt(SegGptConfig(**CONFIGS["h32_d2_m0_p8_64x32"]))
+
+    def backends() -> set[str]:
+        return {module.backend for module in model.modules() if hasattr(module, "backend")}
+
+    assert backends() == {"sdpa"}
+    model.set_attention("flex")
+    assert backends() == {"flex"}
+    model.set_attention("auto")
+    assert backends() == {"sdpa"}
     with pytest.raises(ValueError, match="attention backend: expected one of"):
         model.set_attention("xformers")
 
