@@ -5,7 +5,9 @@
     seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
     seggpt-autolabel demo [--output DIR]
 
-Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run.
+Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run;
+3 with a one-line reason naming the URI when storage stayed unreachable past `storage.retry_s` (what was written
+before stays valid: run it again to resume).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.lease import OutputError
 from pipeline.overlay import write_overlays
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
+from pipeline.storage import storage_failure
 from pipeline.train import train
 
 DEMO = Path(__file__).parent / "demo"
@@ -96,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     except _REFUSALS as error:
         print(f"seggpt-autolabel: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        failure = storage_failure(error)
+        if failure is None:
+            raise
+        print(f"seggpt-autolabel: error: {failure}", file=sys.stderr)
+        return 3
     return 0
 
 

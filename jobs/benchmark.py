@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import resource
 import shutil
@@ -42,8 +43,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -380,18 +383,33 @@ def _job_description(args: argparse.Namespace) -> str:
 
 
 def benchmark_pipeline(args: argparse.Namespace) -> None:
-    """The whole job against the model alone, same run: the share of the job's time the model is busy."""
+    """The whole job against the model alone, same run: the share of the job's time the model is busy.
+
+    The model alone is timed before and after the job (in a child process each, as the actor runs it), so that
+    the machine's drift over the job's minutes hits both sides; the ratio is against their mean.
+    """
+    batches = max(2, args.images // args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         job = _synthetic_job(Path(tmp), args, args.images)
+        checkpoint = job["model"]["checkpoint"]
+        before = _in_child(_model_only_rate, checkpoint, args, batches)
         run = _measured_job(job)
-        model_rate = _model_only_rate(job["model"]["checkpoint"], args, max(2, args.images // args.batch))
+        after = _in_child(_model_only_rate, checkpoint, args, batches)
+    model_rate = (before + after) / 2
     print(f"config: {_job_description(args)}, {args.images} images")
     print(f"      job: {run['images_per_second']:8.4f} images/s ({run['ok']} ok in {run['seconds']:.1f} s)")
-    print(f"    model: {model_rate:8.4f} images/s (predict alone, same batches, one process as the actor)")
+    print(f"    model: {model_rate:8.4f} images/s (predict alone, same batches, as the actor runs it; "
+          f"{before:.4f} before the job, {after:.4f} after)")
     print(f"     busy: {run['images_per_second'] / model_rate:.0%} of the model-only rate")
     _print_peaks({"peak RSS": run["peaks_kib"], "private": run["private_peaks_kib"]})
     _write_record(args.json, {"benchmark": "pipeline", **vars(args), "job": run, "model_images_per_second": model_rate,
-                              "ratio": run["images_per_second"] / model_rate})
+                              "model_before_after": [before, after], "ratio": run["images_per_second"] / model_rate})
+
+
+def _in_child(function: Callable[..., float], *args: Any) -> float:
+    """`function(*args)` in a fresh process (its threads and allocator settings stay there)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
 
 
 def benchmark_scale(args: argparse.Namespace) -> None:

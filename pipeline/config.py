@@ -19,6 +19,8 @@ from typing import Any
 import fsspec
 import yaml
 
+from pipeline.storage import DEFAULT_RETRY_S
+
 _REQUIRED: Any = object()
 _SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
 
@@ -184,12 +186,20 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # seconds of transient storage errors (unreachable, timeouts, 5xx, throttling) one operation rides out
+    # before the image becomes an error row (reads) or the job stops with exit code 3 (everything else)
+    retry_s: float = _option(_number, DEFAULT_RETRY_S)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig
     prompts: PromptsConfig
     model: ModelConfig
     output: OutputConfig
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
@@ -203,8 +213,9 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "output": OutputConfig,
     "compute": ComputeConfig,
+    "storage": StorageConfig,
 }
-_OPTIONAL_SECTIONS = {"compute", "storage_options"}
+_OPTIONAL_SECTIONS = {"compute", "storage", "storage_options"}
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:

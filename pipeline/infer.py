@@ -12,6 +12,7 @@ from model import load_model
 from model.memory import keep_freed_memory
 from model.processing import masks_to_class_ids, normalize
 from pipeline.prompts import PromptSet
+from pipeline.storage import Retry
 
 
 class SegGptPredictor:
@@ -32,12 +33,15 @@ class SegGptPredictor:
         dtype: str,
         attention: str,
         storage_options: dict[str, Any],
+        retry: Retry,
     ) -> None:
         prompt_set: PromptSet = ray.get(prompts)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.model = load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options)
+        self.model = retry(
+            lambda: load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options), checkpoint
+        )
         self.model.set_attention(attention)
         self.dtype = self.model.pos_embed.dtype
         self.prompt_images = normalize(torch.from_numpy(prompt_set.images).to(self.device), self.dtype)

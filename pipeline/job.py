@@ -3,6 +3,10 @@
 Everything that can refuse a run is checked before the output is touched and before Ray starts: config,
 prompt set, checkpoint (in `plan`), the input listing (also in `plan`), the output's lease and, on a
 resume, the model and prompt set that made the labels already there (in `autolabel`).
+
+Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.Retry` of
+`storage.retry_s`; past it the job raises `StorageUnavailable` naming the URI (reads: an error row instead),
+and what was written before stays valid for a resume.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pipeline.prompts import PromptSet, load_prompt_set
 from pipeline.lease import OutputError, OutputLease
 from pipeline.read import count_inputs, list_inputs, pending_inputs, read_inputs, shard_of
 from pipeline.resume import LabelsIndex, clean_labels, done_keys, foreign_labels, read_index, shard_images
+from pipeline.storage import Retry, storage_failure
 from pipeline.write import LabelWriter, prepare_output, read_job_file, write_job_files
 
 # The writers wait on storage: they hold no CPU, so that they never keep a CPU task (compute.cpus_per_task) or
@@ -75,18 +80,22 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
     inputs. No Ray work, nothing written."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
-    options = config.storage_options
-    model_config = check_checkpoint(config.model.checkpoint, storage_options=options)
-    prompts = load_prompt_set(
+    options, retry, checkpoint = config.storage_options, Retry(config.storage.retry_s), config.model.checkpoint
+    model_config = retry(lambda: check_checkpoint(checkpoint, storage_options=options), checkpoint)
+    prompts = retry(
+        lambda: load_prompt_set(
+            config.prompts.uri,
+            classes=config.prompts.classes,
+            mask_format=config.prompts.mask_format,
+            embedding=config.prompts.embedding,
+            size=model_config.input_size,
+            storage_options=options,
+        ),
         config.prompts.uri,
-        classes=config.prompts.classes,
-        mask_format=config.prompts.mask_format,
-        embedding=config.prompts.embedding,
-        size=model_config.input_size,
-        storage_options=options,
     )
-    inputs = list_inputs(config.input, options)
-    return Plan(config, prompts, model_config, _fingerprint(config.model.checkpoint, model_config, options), inputs)
+    inputs = retry(lambda: list_inputs(config.input, options), " ".join(config.input.uris))
+    fingerprint = retry(lambda: _fingerprint(checkpoint, model_config, options), checkpoint)
+    return Plan(config, prompts, model_config, fingerprint, inputs)
 
 
 def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
@@ -94,11 +103,12 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
 
     `work` is what `pipeline.read.pending_inputs` gives for the keys to skip.
     """
-    config = job.config
+    config, retry = job.config, Retry(job.config.storage.retry_s)
     _init_ray()
     gpus, dtype = _resolve_compute(config)
     work = pending_inputs(job.inputs, pa.array([], pa.string())) if work is None else work
-    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options)
+    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options,
+                     retry=retry)
     # Preprocess runs in tasks of its own, as many as the CPUs allow. Ray fuses it into the model's actors only when
     # both ask for the same resources (a CPU-only cluster with cpus_per_task == cpus_per_actor), where decoding is
     # well under 1% of a model call on the CPU.
@@ -114,7 +124,7 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
         SegGptPredictor,
         fn_constructor_args=(config.model.checkpoint, ray.put(job.prompts)),
         fn_constructor_kwargs={"dtype": dtype, "attention": config.model.attention,
-                               "storage_options": config.storage_options},
+                               "storage_options": config.storage_options, "retry": retry},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.compute.actors[0], max_size=config.compute.actors[1]),
@@ -143,47 +153,61 @@ def autolabel(
     Off a terminal (scheduled runs), `log` gets a progress line every `progress_every_s` seconds.
     Raises `OutputError` (before Ray starts, with the output untouched) when another run holds the output
     or, on a resume with `output.on_mismatch: refuse`, when its labels were made by another model or prompt set.
+    Raises `pipeline.storage.StorageUnavailable` when storage failed for longer than `storage.retry_s`.
     """
     job = plan(config, overrides)
     config, options, output = job.config, job.config.storage_options, job.config.output
-    model, prompt_set = job.model_fingerprint, job.prompts.fingerprint
+    model, prompt_set, retry = job.model_fingerprint, job.prompts.fingerprint, Retry(config.storage.retry_s)
     fs, root = fsspec.core.url_to_fs(output.uri, **options)
     started = datetime.now(timezone.utc)
     summary = Summary(output_uri=output.uri)
-    with OutputLease(fs, root, output.uri):
-        runs = read_job_file(fs, root).get("runs", [])
-        before = read_index(fs, root) if output.resume else LabelsIndex()
+    with OutputLease(fs, root, output.uri, retry=retry):
+        runs = retry(lambda: read_job_file(fs, root), output.uri).get("runs", [])
+        before = retry(lambda: read_index(fs, root), output.uri) if output.resume else LabelsIndex()
         index = before.table()
         if output.on_mismatch == "refuse":
             _refuse_foreign_labels(index, model, prompt_set, output.uri)
         work, summary.skipped = _pending_work(job, index)
-        prepare_output(fs, root, resume=output.resume)
+        retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
         log(f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
             f"{work.num_rows} files or shards to read")
 
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = sys.stderr.isatty()
+        # Faults: Ray Data restarts a dead actor and retries its tasks without limit, and retries a task whose
+        # worker died (its defaults, kept). Errors inside a task are rows (bad images) or StorageUnavailable (past
+        # storage.retry_s): a block that still fails stops the run, never drops its images quietly.
+        context.max_errored_blocks = 0
         ds = build_dataset(job, work).map_batches(
             LabelWriter,
-            fn_constructor_args=(output.uri, options, output.png),
+            fn_constructor_args=(output.uri, options, output.png, retry),
             batch_size=output.rows_per_file,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
             num_cpus=_WRITER_CPUS,
         )
-        write_job_files(output.uri, options, _job_info(job, summary, started, runs, completed=False), success=False)
+        info = _job_info(job, summary, started, runs, completed=False)
+        retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
         start = last_report = time.monotonic()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ok = pc.sum(batch["ok"]).as_py() or 0
-            summary.ok += ok
-            summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
-            summary.seconds = time.monotonic() - start
-            if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
-                last_report = time.monotonic()
-                log(f"progress: {summary}")
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                ok = pc.sum(batch["ok"]).as_py() or 0
+                summary.ok += ok
+                summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
+                summary.seconds = time.monotonic() - start
+                if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
+                    last_report = time.monotonic()
+                    log(f"progress: {summary}")
+        except Exception as error:
+            failure = storage_failure(error)  # raised in a task or actor, wrapped by Ray
+            if failure is None:
+                raise
+            raise failure from None
         summary.seconds = time.monotonic() - start
-        after = clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set)
+        after = retry(lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set), output.uri)
         summary.added = _added(index["key"], after)
-        write_job_files(output.uri, options, _job_info(job, summary, started, runs, completed=True), success=True)
+        info = _job_info(job, summary, started, runs, completed=True)
+        retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
     return summary
 
 
@@ -216,8 +240,9 @@ def _added(keys_before: pa.ChunkedArray, after: LabelsIndex) -> int:
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
     job = plan(config, overrides)
-    load_model(job.config.model.checkpoint, storage_options=job.config.storage_options)
-    counted = count_inputs(job.inputs, job.config.input.image_column, job.config.storage_options)
+    checkpoint, options, retry = job.config.model.checkpoint, job.config.storage_options, Retry(job.config.storage.retry_s)
+    retry(lambda: load_model(checkpoint, storage_options=options), checkpoint)
+    counted = count_inputs(job.inputs, job.config.input.image_column, options, retry=retry)
     return {"inputs": dataclasses.asdict(counted), "prompts": list(job.prompts.names), "classes": list(job.prompts.classes)}
 
 

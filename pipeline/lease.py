@@ -5,7 +5,9 @@ with a create-if-absent write (`open(..., "x")` locally; a PUT with `If-None-Mat
 runs that start at once exactly one gets it. The holder renews it every `ttl_s / 4` seconds from a
 thread and deletes it at the end. A lease is stale, and taken over, once it has expired (its holder
 stopped renewing: killed, or cut off from the store) or when its holder ran on this host and its
-process is gone (a killed driver restarted on the same machine need not wait).
+process is gone (a killed driver restarted on the same machine need not wait), or is this process and the run
+is over (a run that failed could not give it back: the next one from the same notebook need not wait). Taking and giving back the lease
+go through the job's storage `Retry`; a renewal that fails waits for the next tick.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.storage import Retry
+
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 120.0
+_HELD: set[str] = set()  # run ids of the leases this process holds now
 
 
 class OutputError(ValueError):
@@ -33,16 +38,26 @@ class OutputError(ValueError):
 class OutputLease:
     """Context manager holding the lease of `root` on `fs` for the duration of a run."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, uri: str, *, ttl_s: float = DEFAULT_TTL_S):
-        self.fs, self.path, self.uri, self.ttl_s = fs, f"{root}/{LEASE_FILE}", uri, ttl_s
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, root: str, uri: str, *, retry: Retry, ttl_s: float = DEFAULT_TTL_S
+    ):
+        self.fs, self.path, self.uri, self.retry, self.ttl_s = fs, f"{root}/{LEASE_FILE}", uri, retry, ttl_s
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex,
                        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="output-lease", daemon=True)
 
     def __enter__(self) -> OutputLease:
+        self.retry(self._take, self.uri)
+        _HELD.add(self.holder["run"])
+        self._renewer.start()
+        return self
+
+    def _take(self) -> None:
         if not self._create():
             current = self._read()
+            if current is not None and current.get("run") == self.holder["run"]:
+                return  # an earlier try of ours wrote it, and its answer was lost
             if current is not None and not _stale(current):
                 raise OutputError(
                     f"output.uri {self.uri}: in use by another run (host {current.get('host')}, pid "
@@ -52,13 +67,15 @@ class OutputLease:
             self.fs.rm_file(self.path)  # stale: take it over
             if not self._create():
                 raise OutputError(f"output.uri {self.uri}: another run took the lease {LEASE_FILE} just now")
-        self._renewer.start()
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         if self._renewer.is_alive():
             self._renewer.join()
+        _HELD.discard(self.holder["run"])
+        self.retry(self._give_back, self.uri)
+
+    def _give_back(self) -> None:
         current = self._read()
         if current is not None and current.get("run") == self.holder["run"]:
             self.fs.rm_file(self.path)
@@ -98,13 +115,15 @@ class OutputLease:
                 current = self._read()
                 if current is None or current.get("run") == self.holder["run"]:
                     self.fs.pipe_file(self.path, self._content())
-            except OSError:
-                pass  # the store is unreachable for now: try again at the next tick
+            except Exception:  # noqa: BLE001 - e.g. the store unreachable for now: the next tick tries again
+                pass
 
 
 def _stale(lease: dict[str, Any]) -> bool:
     if float(lease.get("expires_at", 0)) < time.time():
         return True
+    if lease.get("host") == socket.gethostname() and lease.get("pid") == os.getpid():
+        return lease.get("run") not in _HELD  # a run of this process that ended without giving it back
     if lease.get("host") == socket.gethostname():
         try:
             os.kill(int(lease["pid"]), 0)

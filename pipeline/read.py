@@ -38,14 +38,14 @@ carry it into `labels/`, so that a later run knows a shard whose images are all 
 A file that cannot be read yields an error row, never an exception. A shard that cannot be opened,
 or breaks part-way (a corrupt tar, a Parquet file without the image column), yields one error row
 keyed by the shard's own key, after the rows read before the break. Transient storage errors are
-retried with back-off; a shard re-opened after one continues after the rows it already gave.
+retried (`pipeline.storage.Retry`, within `storage.retry_s`); a shard re-opened after one continues after the
+rows it already gave.
 """
 
 from __future__ import annotations
 
 import posixpath
 import tarfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +59,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from fsspec.core import has_magic
+
+from pipeline.storage import Retry
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -88,12 +90,9 @@ _FETCH_THREADS = 16  # ... this many at a time
 _FLUSH_ROWS = 256  # rows per output table of a read task ...
 _FLUSH_BYTES = 64 << 20  # ... or fewer, once their bytes reach this
 _PARQUET_BATCH_ROWS = 64
-_TRIES = 4
-_RETRY_DELAY_S = 0.25
 _COUNT_THREADS = 16
 _LIST_THREADS = 16
 _LIST_CHUNK = 10_000  # names gathered into one Arrow chunk while listing
-_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class InputError(ValueError):
@@ -285,7 +284,12 @@ def pending_inputs(listing: pa.Table, done: pa.Array, shard_images: pa.Table | N
 
 
 def count_inputs(
-    listing: pa.Table, image_column: str, storage_options: dict[str, Any], *, done: pa.Array | None = None
+    listing: pa.Table,
+    image_column: str,
+    storage_options: dict[str, Any],
+    *,
+    retry: Retry,
+    done: pa.Array | None = None,
 ) -> InputCount:
     """Count the images without reading them: tar headers only, Parquet row counts from the footer.
 
@@ -298,7 +302,7 @@ def count_inputs(
 
     def count_shard(file: dict[str, str]) -> tuple[int, int]:
         try:
-            members = _with_retries(lambda: _shard_members(file, storage_options, image_column))
+            members = retry(lambda: _shard_members(file, storage_options, image_column), file["source"])
         except Exception:
             return 1, 0
         return len(members), sum(f"{file['key']}/{name}" in done_members for name in members)
@@ -328,13 +332,14 @@ def _shard_members(file: dict[str, str], storage_options: dict[str, Any], image_
 
 
 def read_inputs(
-    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], num_cpus: float = 0.25
+    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], retry: Retry, num_cpus: float = 0.25
 ) -> ray.data.Dataset:
     """A lazy dataset of `READ_SCHEMA` rows, one per image of the work items (see `pending_inputs`).
 
     Bytes are read by Ray tasks using `num_cpus` each: a shard per task, loose files 64 to a task.
     Skipped tar members and Parquet rows are passed over inside the task (a Parquet row group that is
-    skipped entirely is not read at all).
+    skipped entirely is not read at all). Storage errors are retried by `retry`; past its budget the image (or the
+    rest of the shard) becomes an error row.
     """
     if work.num_rows == 0:
         return ray.data.from_arrow(READ_SCHEMA.empty_table())
@@ -346,11 +351,13 @@ def read_inputs(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=num_cpus,
-        fn_kwargs={"image_column": image_column, "storage_options": storage_options},
+        fn_kwargs={"image_column": image_column, "storage_options": storage_options, "retry": retry},
     )
 
 
-def _read_items(items: pa.Table, *, image_column: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+def _read_items(
+    items: pa.Table, *, image_column: str, storage_options: dict[str, Any], retry: Retry
+) -> Iterator[pa.Table]:
     """Ray task body: the rows of a block of work items, as tables of bounded size.
 
     The loose files of a block are fetched concurrently (`_FETCH_THREADS`), their rows kept in order; a shard
@@ -359,9 +366,9 @@ def _read_items(items: pa.Table, *, image_column: str, storage_options: dict[str
 
     def rows_of(item: dict[str, Any]) -> Iterable[dict[str, Any]]:
         if item["kind"] == "images":
-            return [_read_image(item, storage_options)]
+            return [_read_image(item, storage_options, retry)]
         members = _tar_members if item["kind"] == "webdataset" else _parquet_rows
-        return _read_shard(item, members, image_column, storage_options)
+        return _read_shard(item, members, image_column, storage_options, retry)
 
     rows: list[dict[str, Any]] = []
     size = 0
@@ -377,10 +384,10 @@ def _read_items(items: pa.Table, *, image_column: str, storage_options: dict[str
         yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def _read_image(item: dict[str, Any], storage_options: dict[str, Any]) -> dict[str, Any]:
+def _read_image(item: dict[str, Any], storage_options: dict[str, Any], retry: Retry) -> dict[str, Any]:
     try:
         fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
-        data = _with_retries(lambda: fs.cat_file(path))
+        data = retry(lambda: fs.cat_file(path), item["source"])
     except Exception as error:
         return _row(item["key"], item["source"], error=_message(error))
     return _row(item["key"], item["source"], data)
@@ -393,23 +400,28 @@ MemberReader = Callable[[fsspec.AbstractFileSystem, str, str, set[str]], MemberR
 
 
 def _read_shard(
-    item: dict[str, Any], members: MemberReader, image_column: str, storage_options: dict[str, Any]
+    item: dict[str, Any], members: MemberReader, image_column: str, storage_options: dict[str, Any], retry: Retry
 ) -> Iterator[dict[str, Any]]:
-    """Rows of one shard; after a transient error the shard is re-opened and passes over `done`."""
+    """Rows of one shard; after a transient error the shard is re-opened and passes over `done`. Each row read
+    renews the retry budget."""
     key, source = item["key"], item["source"]
     done = {member[len(key) + 1 :] for member in item["skip"]}
-    for attempt in range(_TRIES):
+    deadline, attempt = retry.deadline(), 0
+    while True:
         try:
             fs, path = fsspec.core.url_to_fs(source, **storage_options)
             for name, data, error, images in members(fs, path, image_column, done):
                 done.add(name)
+                deadline, attempt = retry.deadline(), 0
                 yield _row(f"{key}/{name}", source, data, error, images)
             return
         except Exception as error:
-            if attempt + 1 == _TRIES or not _is_transient(error):
-                yield _row(key, source, error=f"unreadable shard: {_message(error)}")
+            try:
+                retry.wait(error, attempt, deadline, source)
+            except Exception as final:
+                yield _row(key, source, error=f"unreadable shard: {_message(final)}")
                 return
-            time.sleep(_RETRY_DELAY_S * 2**attempt)
+            attempt += 1
 
 
 def _tar_members(
@@ -506,18 +518,3 @@ def _row(
 
 def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def _is_transient(error: BaseException) -> bool:
-    return isinstance(error, OSError) and not isinstance(error, _PERMANENT_ERRORS)
-
-
-def _with_retries(action: Callable[[], Any]) -> Any:
-    """Run `action`, retrying transient storage errors with exponential back-off."""
-    for attempt in range(_TRIES):
-        try:
-            return action()
-        except Exception as error:
-            if attempt + 1 == _TRIES or not _is_transient(error):
-                raise
-            time.sleep(_RETRY_DELAY_S * 2**attempt)

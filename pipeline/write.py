@@ -41,6 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.storage import Retry
+
 LABELS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -76,16 +78,16 @@ SUCCESS_FILE = "_SUCCESS"
 class LabelWriter:
     """Ray Data UDF: writes a batch of result rows; returns a `WRITE_RESULT_SCHEMA` row per file written.
 
-    Use with ``ds.map_batches(LabelWriter, fn_constructor_args=(uri, storage_options, png),
+    Use with ``ds.map_batches(LabelWriter, fn_constructor_args=(uri, storage_options, png, retry),
     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(...), num_cpus=...)`` or as an
     instance. Columns outside LABELS_SCHEMA are ignored; `mask_uri` is computed here. The ok rows of a
     batch go to one file and its error rows to another, so that relabelling an error row later never
-    rewrites a file of masks.
+    rewrites a file of masks. Every write goes through `retry` (past its budget: `StorageUnavailable`).
     """
 
-    def __init__(self, output_uri: str, storage_options: dict[str, Any], png: bool = True):
+    def __init__(self, output_uri: str, storage_options: dict[str, Any], png: bool = True, retry: Retry = Retry()):
         self.fs, self.root = fsspec.core.url_to_fs(output_uri, **storage_options)
-        self.png = png
+        self.png, self.retry = png, retry
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table = _conform(batch)
@@ -95,8 +97,9 @@ class LabelWriter:
         written = []
         for status, part in (("ok", table.filter(ok)), ("error", table.filter(pc.invert(ok)))):
             if part.num_rows:
-                name = labels_file_name(part["key"].to_pylist())
-                write_atomically(self.fs, self.root, f"{self.root}/{LABELS_DIR}/{name}", parquet_bytes(part))
+                name, data = labels_file_name(part["key"].to_pylist()), parquet_bytes(part)
+                path = f"{self.root}/{LABELS_DIR}/{name}"
+                self.retry(lambda: write_atomically(self.fs, self.root, path, data), self.fs.unstrip_protocol(path))
                 written.append({"file": name, "rows": part.num_rows, "ok": part.num_rows if status == "ok" else 0})
         return pa.Table.from_pylist(written, schema=WRITE_RESULT_SCHEMA)
 
@@ -115,7 +118,7 @@ class LabelWriter:
             for folder in {posixpath.dirname(path) for path in files}:
                 self.fs.makedirs(folder, exist_ok=True)
         if files:
-            self.fs.pipe(files)
+            self.retry(lambda: self.fs.pipe(files), self.fs.unstrip_protocol(f"{self.root}/{MASKS_DIR}"))
         return pa.array(uris, pa.string())
 
 

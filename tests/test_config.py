@@ -49,7 +49,7 @@ def test_defaults_from_a_yaml_file(tmp_path):
     assert config.compute.actors == (1, 1)
     assert config.compute.gpus_per_actor == "auto"
     assert config.compute.cpus_per_actor == 1.0
-    assert config.storage_options == {}
+    assert config.storage_options == {} and config.storage.retry_s == 300.0
 
 
 def test_full_config_keeps_every_value():
@@ -67,6 +67,7 @@ def test_full_config_keeps_every_value():
             "output": {"uri": "out", "png": False, "resume": False},
             "compute": {"batch_size": 4, "actors": [1, 3], "gpus_per_actor": 0.5, "cpus_per_actor": 2,
                         "cpus_per_task": 0.5},
+            "storage": {"retry_s": 30},
             "storage_options": {"anon": True},
         }
     )
@@ -76,6 +77,7 @@ def test_full_config_keeps_every_value():
     assert config.compute.actors == (1, 3) and config.compute.gpus_per_actor == 0.5
     assert config.input.jpeg_draft is True and config.model.attention == "flex" and config.compute.cpus_per_task == 0.5
     assert config.output.png is False and config.storage_options == {"anon": True}
+    assert config.storage.retry_s == 30.0
 
 
 @pytest.mark.parametrize(
@@ -103,6 +105,8 @@ def test_full_config_keeps_every_value():
         ("output", ..., "output: missing required section"),
         ("output", ["x"], "output: expected a mapping, got list"),
         ("storage_options", "anon", "storage_options: expected a mapping, got 'anon'"),
+        ("storage.retry_s", -1, "storage.retry_s: expected a number >= 0"),
+        ("storage.retries", 3, "storage.retries: unknown key"),
         ("extra", {}, "extra: unknown section"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import fsspec
 import pytest
 
 from pipeline.lease import LEASE_FILE, OutputError, OutputLease
+from pipeline.storage import Retry
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -28,20 +30,20 @@ def lease_of(fs, root) -> dict:
 
 def test_a_second_run_is_refused_while_the_first_holds_the_lease(output):
     fs, root = output
-    with OutputLease(fs, root, "the-output") as first:
+    with OutputLease(fs, root, "the-output", retry=Retry(1)) as first:
         held = lease_of(fs, root)
         assert held["run"] == first.holder["run"] and held["expires_at"] > time.time()
         with pytest.raises(OutputError, match=r"the-output: in use by another run \(host .*, pid \d+, started 20"):
-            OutputLease(fs, root, "the-output").__enter__()
+            OutputLease(fs, root, "the-output", retry=Retry(1)).__enter__()
         assert lease_of(fs, root) == held  # the refused run changed nothing
     assert not fs.exists(f"{root}/{LEASE_FILE}")  # released
-    with OutputLease(fs, root, "the-output"):  # and free again
+    with OutputLease(fs, root, "the-output", retry=Retry(1)):  # and free again
         pass
 
 
 def test_the_lease_is_renewed_while_held(output):
     fs, root = output
-    with OutputLease(fs, root, "out", ttl_s=0.8):
+    with OutputLease(fs, root, "out", retry=Retry(1), ttl_s=0.8):
         first = lease_of(fs, root)["expires_at"]
         time.sleep(0.6)
         assert lease_of(fs, root)["expires_at"] > first
@@ -52,16 +54,21 @@ def test_stale_leases_are_taken_over(output):
     fs.makedirs(root, exist_ok=True)
     expired = {"host": "elsewhere", "pid": 1, "run": "old", "started_at": "2026-01-01", "expires_at": time.time() - 1}
     fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(expired).encode())
-    with OutputLease(fs, root, "out") as lease:
+    with OutputLease(fs, root, "out", retry=Retry(1)) as lease:
         assert lease_of(fs, root)["run"] == lease.holder["run"]
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     on_this_host = {**expired, "host": socket.gethostname(), "pid": int(dead.stdout), "expires_at": time.time() + 600}
     fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(on_this_host).encode())
-    with OutputLease(fs, root, "out") as lease:  # its process is gone: no need to wait for it to expire
+    with OutputLease(fs, root, "out", retry=Retry(1)) as lease:  # its process is gone: no need to wait for it to expire
+        assert lease_of(fs, root)["run"] == lease.holder["run"]
+
+    ended_here = {**on_this_host, "pid": os.getpid(), "run": "failed-before"}  # a run of this process, over
+    fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(ended_here).encode())
+    with OutputLease(fs, root, "out", retry=Retry(1)) as lease:
         assert lease_of(fs, root)["run"] == lease.holder["run"]
 
     elsewhere = {**on_this_host, "host": "another-host"}  # a live lease of another host is respected
     fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(elsewhere).encode())
     with pytest.raises(OutputError, match="host another-host"):
-        OutputLease(fs, root, "out").__enter__()
+        OutputLease(fs, root, "out", retry=Retry(1)).__enter__()

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline import read
 from pipeline.config import InputConfig
 from pipeline.read import InputError, count_inputs, list_inputs, pending_inputs, read_inputs
+from pipeline.storage import Retry
 
 
 def png(shade: int) -> bytes:
@@ -83,12 +84,12 @@ def keys_of(store: Store, uri, fmt: str = "auto") -> list[str]:
 def read_all(config: InputConfig, options: dict, skip: set[str] = frozenset()):
     """The read stage over every listed input, skipping the keys in `skip`."""
     work = pending_inputs(list_inputs(config, options), pa.array(sorted(skip), pa.string()))
-    return read_inputs(work, image_column=config.image_column, storage_options=options)
+    return read_inputs(work, image_column=config.image_column, storage_options=options, retry=Retry(5))
 
 
 def count(config: InputConfig, options: dict, skip: set[str]) -> read.InputCount:
     listing = list_inputs(config, options)
-    return count_inputs(listing, config.image_column, options, done=pa.array(sorted(skip), pa.string()))
+    return count_inputs(listing, config.image_column, options, retry=Retry(5), done=pa.array(sorted(skip), pa.string()))
 
 
 def test_loose_files_in_nested_folders(store, ray_session):
@@ -217,28 +218,6 @@ def test_skip_keys_drop_loose_files_before_reading(tmp_path, ray_session):
     assert set(rows_by_key(read_all(config, {}, {"0.png", "2.png"}))) == {"1.png"}
     everything_done = read_all(config, {}, {"0.png", "1.png", "2.png"})
     assert everything_done.count() == 0 and everything_done.schema().names == read.READ_SCHEMA.names
-
-
-def test_transient_errors_are_retried_permanent_ones_are_not(monkeypatch):
-    monkeypatch.setattr(read, "_RETRY_DELAY_S", 0.0)
-    calls = []
-
-    def flaky() -> bytes:
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionResetError("connection reset by peer")
-        return b"data"
-
-    assert read._with_retries(flaky) == b"data" and len(calls) == 3
-
-    def missing() -> bytes:
-        calls.append(1)
-        raise FileNotFoundError("gone")
-
-    calls.clear()
-    with pytest.raises(FileNotFoundError):
-        read._with_retries(missing)
-    assert len(calls) == 1
 
 
 def test_shard_rows_carry_the_shard_image_count(store, ray_session):
