@@ -260,6 +260,39 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def test_a_daily_rerun_labels_exactly_the_new_images_and_touches_nothing_else(assets, tmp_path, ray_session):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        (data / f"day1-{i:02d}.jpg").write_bytes(encoded(picture(i, (24 + i, 18))))
+    config = job_config(assets, str(data), str(tmp_path / "out"), {})
+    config["output"]["rows_per_file"] = 4
+    first = autolabel(config, log=lambda line: None)
+    assert (first.ok, first.added) == (20, 20)
+    out = tmp_path / "out"
+    written = {path: (path.read_bytes(), path.stat().st_mtime_ns)
+               for path in [*out.glob("labels/*.parquet"), *out.glob("masks/**/*.png")]}
+    assert sum(path.suffix == ".parquet" for path in written) >= 5 and sum(path.suffix == ".png" for path in written) == 20
+
+    new = {f"day2-{i:02d}.jpg": encoded(picture(100 + i, (30, 20 + i))) for i in range(10)}
+    for name, payload in new.items():
+        (data / name).write_bytes(payload)
+    second = autolabel(config, log=lambda line: None)
+
+    assert (second.ok, second.error, second.skipped, second.added) == (10, 0, 20, 10)
+    for path, (payload, mtime) in written.items():  # every earlier labels file and mask as it was, byte for byte
+        assert path.read_bytes() == payload and path.stat().st_mtime_ns == mtime, path
+    rows = {row["key"]: row for row in read_labels(str(tmp_path / "out"), {}).to_pylist()}
+    assert len(rows) == 30 and all(row["status"] == "ok" for row in rows.values())
+    for name, payload in new.items():
+        assert np.array_equal(decode_png(rows[name]["mask"]), expected_map(assets, payload))
+    runs = json.loads((tmp_path / "out" / "_job.json").read_text())["runs"]
+    assert [run["counts"] for run in runs] == [
+        {"ok": 20, "error": 0, "skipped": 0, "added": 20},
+        {"ok": 10, "error": 0, "skipped": 20, "added": 10},
+    ]
+
+
 def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     good = job_config(assets, str(tmp_path), str(tmp_path / "out"), {})
     cases = {
