@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 import yaml
 
+from pipeline.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.storage import DEFAULT_RETRY_S
 
 _REQUIRED: Any = object()
@@ -144,6 +145,9 @@ class InputConfig:
     exif_transpose: bool = _option(_boolean, True)  # turn images as their EXIF orientation says
     # decode JPEGs at 1/2, 1/4 or 1/8 scale where that is still at least the model's size: faster, not exact
     jpeg_draft: bool = _option(_boolean, False)
+    # images whose header declares more pixels are error rows, refused before decoding (decompression bombs);
+    # Pillow itself refuses more than twice its MAX_IMAGE_PIXELS (179 M)
+    max_pixels: int = _option(_positive_int, DEFAULT_MAX_PIXELS)
 
     @property
     def uris(self) -> tuple[str, ...]:

@@ -115,7 +115,7 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
     ds = ds.map_batches(
         preprocess,
         fn_kwargs={"size": job.model_config.input_size, "exif_transpose": config.input.exif_transpose,
-                   "jpeg_draft": config.input.jpeg_draft},
+                   "jpeg_draft": config.input.jpeg_draft, "max_pixels": config.input.max_pixels},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         num_cpus=config.compute.cpus_per_task,

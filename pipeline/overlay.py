@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from model.processing import decode_png
-from pipeline.write import JOB_FILE, LABELS_DIR
+from pipeline.read import IMAGE_EXTENSIONS
+from pipeline.write import JOB_FILE, LABELS_DIR, key_path
 
 OVERLAYS_DIR = "overlays"
 
@@ -25,7 +26,7 @@ def overlay(image: np.ndarray, class_map: np.ndarray, palette: np.ndarray, alpha
 
 
 def write_overlays(output_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Write `overlays/<key>.jpg` for every ok row of loose-file inputs; returns their paths.
+    """Write `overlays/<key>.jpg` (`pipeline.write.key_path`) for every ok row of loose-file inputs; returns their paths.
 
     The image is read from the row's `source` and turned as the job turned it (EXIF orientation, the job's
     default); rows from tar or Parquet shards are passed over.
@@ -37,8 +38,7 @@ def write_overlays(output_uri: str, storage_options: dict[str, Any] | None = Non
         with fs.open(path, "rb", cache_type="none") as handle:
             rows = pq.read_table(handle, columns=["key", "source", "status", "mask"]).to_pylist()
         for row in rows:
-            if row["status"] != "ok" or not row["source"].lower().endswith((".jpg", ".jpeg", ".png", ".webp", ".bmp",
-                                                                             ".tif", ".tiff", ".gif")):
+            if row["status"] != "ok" or row["source"].rpartition(".")[2].lower() not in IMAGE_EXTENSIONS:
                 continue
             source_fs, source_path = fsspec.core.url_to_fs(row["source"], **(storage_options or {}))
             with Image.open(io.BytesIO(source_fs.cat_file(source_path))) as image:
@@ -46,7 +46,7 @@ def write_overlays(output_uri: str, storage_options: dict[str, Any] | None = Non
             picture = overlay(pixels, decode_png(row["mask"]), palette)
             buffer = io.BytesIO()
             Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
-            target = f"{root}/{OVERLAYS_DIR}/{row['key']}.jpg"
+            target = f"{root}/{OVERLAYS_DIR}/{key_path(row['key'], '.jpg')}"
             fs.makedirs(target.rpartition("/")[0], exist_ok=True)
             fs.pipe_file(target, buffer.getvalue())
             written.append(target)

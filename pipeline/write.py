@@ -4,7 +4,7 @@ Layout under the output URI::
 
     labels/part-<sha1 of the file's sorted keys>.parquet   rows of LABELS_SCHEMA, one file per batch
                                                            (its ok rows; its error rows in a file of their own)
-    masks/<key>.png                                        the mask of each ok row (with `png`)
+    masks/<key>.png                                        the mask of each ok row (with `png`); see `key_path`
     _job.json                                              the job and the history of its runs
     _SUCCESS                                               present when the last run completed
     _lease.json                                            held while a run is on (`pipeline.lease`)
@@ -73,6 +73,9 @@ MASKS_DIR = "masks"
 STAGING_DIR = "_staging"
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+HASHED_DIR = "_hashed"  # files of keys that are not plain relative paths (see key_path)
+_MAX_PART_BYTES = 200  # of one path part (filesystems allow 255)
+_MAX_KEY_BYTES = 800
 
 
 class LabelWriter:
@@ -109,7 +112,7 @@ class LabelWriter:
         uris: list[str | None] = []
         for key, status, mask in zip(*(table[name].to_pylist() for name in ("key", "status", "mask"))):
             if status == "ok" and mask is not None:
-                path = f"{self.root}/{MASKS_DIR}/{key}.png"
+                path = f"{self.root}/{MASKS_DIR}/{key_path(key, '.png')}"
                 files[path] = mask
                 uris.append(self.fs.unstrip_protocol(path))
             else:
@@ -120,6 +123,24 @@ class LabelWriter:
         if files:
             self.retry(lambda: self.fs.pipe(files), self.fs.unstrip_protocol(f"{self.root}/{MASKS_DIR}"))
         return pa.array(uris, pa.string())
+
+
+def key_path(key: str, suffix: str) -> str:
+    """Where the file of `key` goes below an output folder (`masks/`, `overlays/`): the key plus `suffix` where the
+    key is a plain relative path, else `_hashed/<sha256 of the key><suffix>`. No key can so name a place outside the
+    folder or one a filesystem refuses: `..`, `.` or empty parts, a leading `/`, backslashes, control and other
+    unprintable characters, a part over 200 bytes or a key over 800 (S3 allows 1024, prefix included).
+    Keys always end in an image extension or a row number, so no plain key looks like a hashed one."""
+    parts = key.split("/")
+    plain = (
+        key.isprintable()
+        and "\\" not in key
+        and len(key.encode()) <= _MAX_KEY_BYTES
+        and all(part not in ("", ".", "..") and len(part.encode()) <= _MAX_PART_BYTES for part in parts)
+    )
+    if plain:
+        return key + suffix
+    return f"{HASHED_DIR}/{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}{suffix}"
 
 
 def labels_file_name(keys: Iterable[str]) -> str:

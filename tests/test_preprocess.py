@@ -7,6 +7,12 @@ the read stage's schema converted by Ray's own block accessor (no Ray cluster ne
 from __future__ import annotations
 
 import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +23,8 @@ from ray.data.block import BlockAccessor
 from model.processing import prepare_image
 from pipeline.preprocess import preprocess
 from pipeline.read import READ_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = (24, 16)  # (height, width); not square, so that a swapped axis shows
 OUTPUT_COLUMNS = {"key", "source", "shard_images", "status", "error", "width", "height", "pixels"}
@@ -36,8 +44,8 @@ def _batch(rows: list[tuple[str, bytes, str | None]]) -> dict[str, np.ndarray]:
     return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
-def _run(rows, *, exif_transpose: bool = True, size=SIZE, jpeg_draft: bool = False) -> dict[str, np.ndarray]:
-    out = preprocess(_batch(rows), size=size, exif_transpose=exif_transpose, jpeg_draft=jpeg_draft)
+def _run(rows, *, exif_transpose: bool = True, size=SIZE, jpeg_draft: bool = False, **options) -> dict[str, np.ndarray]:
+    out = preprocess(_batch(rows), size=size, exif_transpose=exif_transpose, jpeg_draft=jpeg_draft, **options)
     _check_columns(out, rows, size)
     return out
 
@@ -214,14 +222,50 @@ def test_bad_bytes_give_error_row(name):
     assert out["pixels"][0].any()
 
 
-def test_decompression_bomb(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # restored by monkeypatch after the test
-    small = _encode(_photo(20, 20, 7), "PNG")  # 400 pixels: fine
-    bomb = _encode(Image.new("L", (100, 100)), "PNG")  # 10 000 pixels > 2 * MAX_IMAGE_PIXELS: refused
-    out = _run([("small.png", small, None), ("bomb.png", bomb, None)])
-    assert list(out["status"]) == ["ok", "error"]
-    assert out["error"][1].startswith("image too large:")
-    assert "10000 pixels" in out["error"][1]
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _grey_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """An 8-bit grey PNG of zeros, written by hand a row at a time: a few hundred kB for hundreds of MB of pixels.
+    With `rows`, only that many rows of data follow the header (Pillow opens it all the same)."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    data = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+BOMB_CHILD = """
+import sys
+from pipeline.preprocess import preprocess
+from tests.test_preprocess import _batch, _grey_png
+
+def peak_kib():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
+bomb = _grey_png(12000, 12000)  # 144 M pixels: 432 MB as RGB; under Pillow's own limit (179 M)
+before = peak_kib()
+out = preprocess(_batch([("bomb.png", bomb, None)]), size=(64, 64), exif_transpose=True)
+print(out["status"][0], peak_kib() - before, out["error"][0], sep="\\n")
+"""
+
+
+def test_decompression_bombs_are_refused_before_decoding_in_bounded_memory():
+    child = subprocess.run([sys.executable, "-c", BOMB_CHILD], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    status, grown_kib, message = child.stdout.strip().split("\n")
+    assert status == "error", child.stderr
+    assert message == "image too large: 12000x12000 = 144000000 pixels, over input.max_pixels (100000000)"
+    assert int(grown_kib) < 32 * 1024  # nothing of the 432 MB was ever made
+
+    declared = _grey_png(40000, 40000, rows=1)  # 1.6 G pixels declared, one row of data: Pillow refuses it itself
+    small, large = _encode(_photo(30, 30, 7), "PNG"), _encode(_photo(40, 40, 7), "PNG")
+    out = _run([("declared.png", declared, None), ("small.png", small, None), ("large.png", large, None)],
+               max_pixels=1000)  # 900 pixels pass, 1600 do not
+    assert list(out["status"]) == ["error", "ok", "error"]
+    assert out["error"][0].startswith("image too large: Image size (1600000000 pixels) exceeds limit")
+    assert out["error"][2] == "image too large: 40x40 = 1600 pixels, over input.max_pixels (1000)"
 
 
 def test_row_with_read_error_is_kept_as_is():
