@@ -3,6 +3,7 @@
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
+    seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
     seggpt-autolabel demo [--output DIR]
 
 Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run;
@@ -22,6 +23,7 @@ import fsspec
 from model import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.evaluate import evaluate
+from pipeline.export import FORMATS, ExportError, export
 from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
 from pipeline.overlay import write_overlays
@@ -31,7 +33,7 @@ from pipeline.storage import storage_failure
 from pipeline.train import train
 
 DEMO = Path(__file__).parent / "demo"
-_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, FileNotFoundError)
+_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, FileNotFoundError)
 
 
 def demo_config(output: str) -> dict:
@@ -76,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     scoring.add_argument("--json", metavar="URI", help="where to write the scores (default OUTPUT_URI/_evaluation.json)")
     scoring.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
                          help="fsspec options for both URIs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
+    exporting = sub.add_parser("export", help="write a job's labels as COCO, YOLO segmentation or label-map PNGs")
+    exporting.add_argument("output", metavar="OUTPUT_URI", help="the job's output")
+    exporting.add_argument("--format", required=True, choices=FORMATS)
+    exporting.add_argument("--to", metavar="URI", help="where to write (default OUTPUT_URI/export/FORMAT)")
+    exporting.add_argument("--classes", type=lambda text: text.split(","), metavar="A,B",
+                           help="only these classes (the others become background)")
+    exporting.add_argument("--min-area", type=int, default=0, metavar="PX", help="drop regions smaller than this")
+    exporting.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+                           help="fsspec options for both URIs")
     demo_parser = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
     demo_parser.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
@@ -90,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             with fsspec.open(target, "w", **args.storage_options) as file:
                 json.dump(scores.to_dict(), file, indent=2)
             print(f"scores written to {target}")
+        elif args.command == "export":
+            print(export(args.output, args.format, to=args.to, classes=args.classes, min_area=args.min_area,
+                         storage_options=args.storage_options))
         elif args.command == "train":
             print(train(args.config, tuple(args.overrides)))
         elif args.dry_run:

@@ -1,4 +1,5 @@
-"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark model|pipeline|scale|plan|heldout`.
+"""Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark
+model|pipeline|scale|cpu-stages|plan|heldout|export`.
 
 Each prints a short table and, as its last line, a JSON record (also written to `--json PATH`).
 
@@ -10,8 +11,8 @@ way by environment, so that nobody mistakes the allocator's gain for ours. Image
 predict's work (counted by torch) and, on a GPU, its share of the GPU's dense peak (MFU).
 
 `pipeline` runs the whole job on a fresh local Ray over synthetic JPEGs and times the model alone on the same
-batches in the same run: end-to-end images/s, model-only images/s, their ratio, and the peak memory of the driver
-and of every Ray process (sampled from /proc).
+batches before and after the job (each in a child process): end-to-end images/s, model-only images/s, their ratio,
+and the peak memory of the driver and of every Ray process (sampled from /proc).
 
 `scale` runs the whole job at N and 10 N images: time per image and the peak memory of every process at each size.
 
@@ -26,6 +27,9 @@ N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writ
 files of their own, a mask of B random bytes per ok row), then, in a fresh process, runs the planning steps of
 `pipeline.job.autolabel` (listing, resume index, done keys, shard counts, work items) and reports the time of each,
 the driver's peak and baseline RSS, and the bytes the resume index read as a share of `labels/`'s size.
+
+`export` writes outputs of `--rows` rows of hand-drawn class maps and exports each to every format in a fresh
+process: seconds and peak RSS, to show that memory stays flat as the output grows.
 """
 
 from __future__ import annotations
@@ -406,7 +410,7 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
                               "model_before_after": [before, after], "ratio": run["images_per_second"] / model_rate})
 
 
-def _in_child(function: Callable[..., float], *args: Any) -> float:
+def _in_child(function: Callable[..., Any], *args: Any) -> Any:
     """`function(*args)` in a fresh process (its threads and allocator settings stay there)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(function, args)
@@ -664,6 +668,7 @@ def _labels_batch(indices: np.ndarray, inputs: int, mask_bytes: int, source_pref
         "class_ids": pa.ListArray.from_arrays(list_offsets, pa.array(np.tile(np.arange(classes, dtype=np.int32), n)),
                                               mask=pa.array(error)),
         "pixel_counts": pa.ListArray.from_arrays(list_offsets, pa.array(pixels.astype(np.int64)), mask=pa.array(error)),
+        "class_scores": pa.ListArray.from_arrays(list_offsets, pa.array(rng.random(n * classes)), mask=pa.array(error)),
         "score": pa.array(rng.random(n), mask=error),
         "model": pa.array([PLAN_MODEL] * n, pa.string()),
         "prompt_set": pa.array([PLAN_PROMPT_SET] * n, pa.string()),
@@ -881,6 +886,59 @@ def benchmark_heldout(args: argparse.Namespace) -> None:
           f"(min {np.min(scores):.3f}, max {np.max(scores):.3f}); checkpoint {args.checkpoint}")
 
 
+def _export_output(folder: Path, rows: int, side: int) -> str:
+    """A job output of `rows` ok rows, each a `side`-square class map of four random rectangles and discs."""
+    from model.processing import build_palette, encode_png
+    from pipeline.write import LabelWriter, write_job_files
+
+    uri = str(folder / f"out-{rows}")
+    writer, palette = LabelWriter(uri, {}, png=False), build_palette(2)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side]
+    for start in range(0, rows, 256):
+        batch = []
+        for i in range(start, min(rows, start + 256)):
+            labels = np.zeros((side, side), np.uint8)
+            for class_id in (1, 1, 2, 2):
+                y, x, r = rng.integers(0, side, 2).tolist() + [int(rng.integers(4, side // 6))]
+                if class_id == 1:
+                    labels[y : y + r, x : x + 2 * r] = 1
+                else:
+                    labels[np.hypot(yy - y, xx - x) <= r] = 2
+            counts = np.bincount(labels.ravel(), minlength=3)
+            batch.append({"key": f"{i // 1000:03d}/{i:07d}.jpg", "source": f"s3://in/{i:07d}.jpg", "status": "ok",
+                          "error": None, "width": side, "height": side, "mask": encode_png(labels, palette),
+                          "class_ids": np.flatnonzero(counts).tolist(), "pixel_counts": counts[counts > 0].tolist(),
+                          "class_scores": [0.5] * int((counts > 0).sum()), "score": 0.5, "model": "m",
+                          "prompt_set": "p", "labeled_at": datetime.now(timezone.utc), "shard_images": None})
+        writer(pa.Table.from_pylist(batch))
+    write_job_files(uri, {}, {"classes": ["background", "bar", "disc"]}, success=True)
+    return uri
+
+
+def _measured_export(uri: str, fmt: str, to: str) -> dict:
+    """Export in this (child) process: seconds and peak RSS."""
+    from pipeline.export import export
+
+    start = time.perf_counter()
+    summary = export(uri, fmt, to=to, log=lambda line: None)
+    return {"seconds": time.perf_counter() - start, "peak_mib": _peak_kib() / 1024, "regions": summary.regions}
+
+
+def benchmark_export(args: argparse.Namespace) -> None:
+    """`export` at each --rows: time and peak memory of the exporting process, per format."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in args.rows:
+            uri = _export_output(Path(tmp), rows, args.side)
+            for fmt in args.formats:
+                results[f"{fmt} {rows}"] = _in_child(_measured_export, uri, fmt, f"{tmp}/export-{fmt}-{rows}")
+    print(f"{'format, rows':<22}{'seconds':>10}{'peak RSS (MiB)':>16}{'regions':>10}")
+    for name, result in results.items():
+        print(f"{name:<22}{result['seconds']:>10.1f}{result['peak_mib']:>16.0f}{result['regions']:>10}")
+    _write_record(args.json, {"benchmark": "export", **vars(args), "results": results})
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -933,10 +991,15 @@ def main(argv: list[str] | None = None) -> None:
     heldout.add_argument("--tasks", type=int, default=10)
     heldout.add_argument("--images", type=int, default=8)
     heldout.add_argument("--first-seed", type=int, default=1000)
+    exporting = sub.add_parser("export", help="export at several sizes: time and peak memory per format")
+    exporting.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
+    exporting.add_argument("--side", type=int, default=256, help="class maps of side x side pixels")
+    exporting.add_argument("--formats", nargs="+", default=["coco", "yolo-seg", "masks"])
+    exporting.add_argument("--json", help="write the JSON record here too")
     args = parser.parse_args(argv)
     {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale,
      "cpu-stages": benchmark_cpu_stages, "plan": benchmark_plan,
-     "heldout": benchmark_heldout}[args.what](args)
+     "heldout": benchmark_heldout, "export": benchmark_export}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -234,6 +234,16 @@ def masks_to_class_ids(
     return ids.to(_id_dtype(len(pal))), confidence
 
 
+def class_scores(ids: torch.Tensor, confidence: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, h, w) class ids and confidences (`masks_to_class_ids`) -> (B, num_classes) float32: each class's mean
+    confidence over its pixels, NaN for a class with none. Computed where the tensors are (on the device)."""
+    batch = ids.shape[0]
+    index = ids.reshape(batch, -1).long()
+    sums = torch.zeros(batch, num_classes, device=ids.device).scatter_add_(1, index, confidence.reshape(batch, -1).float())
+    counts = torch.zeros_like(sums).scatter_add_(1, index, torch.ones_like(sums[:, :1]).expand_as(index))
+    return sums / counts  # 0 / 0: NaN
+
+
 def _denormalize(masks: torch.Tensor) -> torch.Tensor:
     """Normalised (B, 3, h, w) -> colours in 0..255, with the reference's operations in its order."""
     mean, std = _stats(masks.device)

@@ -10,16 +10,17 @@ import torch
 
 from model import load_model
 from model.memory import keep_freed_memory
-from model.processing import masks_to_class_ids, normalize
+from model.processing import class_scores, masks_to_class_ids, normalize
 from pipeline.prompts import PromptSet
 from pipeline.storage import Retry
 
 
 class SegGptPredictor:
-    """`map_batches` callable class. Adds `class_map` (model resolution) and `score`, drops `pixels`.
+    """`map_batches` callable class. Adds `class_map` (model resolution), `score` and `class_scores`, drops `pixels`.
 
     Every image runs with all K prompts of the set as one feature-ensembled group, so a batch of n images is
-    n * K model rows. `score` is the mean per-pixel confidence (see `masks_to_class_ids`); NaN on error rows.
+    n * K model rows. `score` is the mean per-pixel confidence (see `masks_to_class_ids`), `class_scores` (one per
+    palette colour) the mean over each class's pixels (`model.processing.class_scores`); NaN on error rows.
     Pixels travel to the device as uint8 (pinned, copied without blocking, on CUDA) and are normalised there.
     On the CPU the process keeps freed memory for reuse (`keep_freed_memory`), sparing a page fault per page of
     every fresh tensor.
@@ -56,15 +57,19 @@ class SegGptPredictor:
         class_dtype = np.uint8 if len(self.palette) <= 256 else np.int32
         class_map = np.zeros(pixels.shape[:3], dtype=class_dtype)
         score = np.full(len(pixels), np.nan, dtype=np.float32)
+        scores = np.full((len(pixels), len(self.palette)), np.nan, dtype=np.float32)
         if len(ok):
             images = torch.from_numpy(pixels[ok])
-            class_map[ok], score[ok] = self._label(images.pin_memory() if self.device.type == "cuda" else images)
+            class_map[ok], score[ok], scores[ok] = self._label(
+                images.pin_memory() if self.device.type == "cuda" else images
+            )
         batch["class_map"] = class_map
         batch["score"] = score
+        batch["class_scores"] = scores
         return batch
 
     @torch.inference_mode()
-    def _label(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _label(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n, k = len(pixels), self.num_prompts
         images = normalize(pixels.to(self.device, non_blocking=True), self.dtype).repeat_interleave(k, dim=0)
         pred = self.model.predict(
@@ -75,4 +80,5 @@ class SegGptPredictor:
             embedding_type=self.embedding,
         )
         ids, confidence = masks_to_class_ids(pred, self.palette)
-        return ids.cpu().numpy(), confidence.mean(dim=(1, 2)).cpu().numpy()
+        per_class = class_scores(ids, confidence, len(self.palette))
+        return ids.cpu().numpy(), confidence.mean(dim=(1, 2)).cpu().numpy(), per_class.cpu().numpy()

@@ -6,8 +6,9 @@ runs that start at once exactly one gets it. The holder renews it every `ttl_s /
 thread and deletes it at the end. A lease is stale, and taken over, once it has expired (its holder
 stopped renewing: killed, or cut off from the store) or when its holder ran on this host and its
 process is gone (a killed driver restarted on the same machine need not wait), or is this process and the run
-is over (a run that failed could not give it back: the next one from the same notebook need not wait). Taking and giving back the lease
-go through the job's storage `Retry`; a renewal that fails waits for the next tick.
+is over (a run that failed could not give it back: the next one from the same notebook need not wait).
+Taking and giving back the lease go through the job's storage `Retry` (after a failed run: one try); a renewal
+that fails waits for the next tick.
 """
 
 from __future__ import annotations
@@ -68,12 +69,18 @@ class OutputLease:
             if not self._create():
                 raise OutputError(f"output.uri {self.uri}: another run took the lease {LEASE_FILE} just now")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
         self._stop.set()
         if self._renewer.is_alive():
             self._renewer.join()
         _HELD.discard(self.holder["run"])
-        self.retry(self._give_back, self.uri)
+        if kind is None:
+            self.retry(self._give_back, self.uri)
+            return
+        try:  # the run failed (its storage may be gone): one try, then the lease expires or is taken over by itself
+            self._give_back()
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            pass
 
     def _give_back(self) -> None:
         current = self._read()

@@ -55,6 +55,9 @@ LABELS_SCHEMA = pa.schema(
         pa.field("mask_uri", pa.string()),  # set by LabelWriter when it wrote masks/<key>.png
         pa.field("class_ids", pa.list_(pa.int32())),
         pa.field("pixel_counts", pa.list_(pa.int64())),
+        # mean confidence of each class of class_ids over its pixels (at the model's resolution); absent in files
+        # written before it existed
+        pa.field("class_scores", pa.list_(pa.float64())),
         pa.field("score", pa.float64()),
         pa.field("model", pa.string()),
         pa.field("prompt_set", pa.string()),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.config import _SECTIONS, ConfigError, JobConfig, load_config
 
 MINIMAL = {
     "input": {"uri": "s3://data/images/"},
@@ -62,6 +63,7 @@ def test_full_config_keeps_every_value():
                 "image_column": "img",
                 "exif_transpose": False,
                 "jpeg_draft": True,
+                "max_pixels": 1000,
             },
             "model": {"checkpoint": "ckpt", "dtype": "bfloat16", "attention": "flex"},
             "output": {"uri": "out", "png": False, "resume": False},
@@ -77,7 +79,7 @@ def test_full_config_keeps_every_value():
     assert config.compute.actors == (1, 3) and config.compute.gpus_per_actor == 0.5
     assert config.input.jpeg_draft is True and config.model.attention == "flex" and config.compute.cpus_per_task == 0.5
     assert config.output.png is False and config.storage_options == {"anon": True}
-    assert config.storage.retry_s == 30.0
+    assert config.storage.retry_s == 30.0 and config.input.max_pixels == 1000
 
 
 @pytest.mark.parametrize(
@@ -106,6 +108,7 @@ def test_full_config_keeps_every_value():
         ("output", ["x"], "output: expected a mapping, got list"),
         ("storage_options", "anon", "storage_options: expected a mapping, got 'anon'"),
         ("storage.retry_s", -1, "storage.retry_s: expected a number >= 0"),
+        ("input.max_pixels", 0, "input.max_pixels: expected an int > 0"),
         ("storage.retries", 3, "storage.retries: unknown key"),
         ("extra", {}, "extra: unknown section"),
     ],
@@ -190,6 +193,10 @@ def test_example_config_of_the_docs_is_valid():
     example = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "example.yaml"
     config = load_config(example)
     assert config.compute.actors == (1, 4) and config.prompts.classes == ("car", "truck", "bicycle")
+    raw = yaml.safe_load(example.read_text())
+    for name, section in _SECTIONS.items():  # it shows every key there is
+        assert sorted(raw[name]) == sorted(field.name for field in dataclasses.fields(section)), name
+    assert (config.input.max_pixels, config.storage.retry_s) == (100_000_000, 300.0)
 
 
 def test_remote_uris_are_kept_and_local_ones_made_absolute():

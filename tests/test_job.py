@@ -21,11 +21,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pycocotools import mask as coco_mask
 from safetensors.torch import save_file
 
 from jobs.autolabel import main as cli
 from model import SegGpt, SegGptConfig, load_model
 from model.processing import decode_png, masks_to_class_ids, normalize, prepare_image, upsample_class_map
+from pipeline.export import export
 from pipeline.job import autolabel
 from pipeline.prompts import load_prompt_set
 
@@ -165,6 +167,17 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
         assert row["class_ids"] == np.flatnonzero(counts).tolist()
         assert row["pixel_counts"] == counts[counts > 0].tolist()
         assert 0 <= row["score"] <= 1
+        assert len(row["class_scores"]) == len(row["class_ids"]) and all(0 <= v <= 1 for v in row["class_scores"])
+    if kind == "webdataset":  # export from an S3 output whose inputs were shards: every RLE back to the class maps
+        assert export(f"{bucket}/out", "coco", storage_options=storage_options).images == len(keys)
+        coco = json.loads(fs.cat_file(f"{bucket}/out/export/coco/instances.json"))
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        maps = {row["key"]: decode_png(row["mask"]) for row in table.to_pylist()}
+        unions = {key: np.zeros_like(class_map) for key, class_map in maps.items()}
+        for annotation in coco["annotations"]:
+            rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
+            unions[names[annotation["image_id"]]][coco_mask.decode(rle) > 0] = annotation["category_id"]
+        assert all(np.array_equal(unions[key], maps[key]) for key in maps)
     fs.invalidate_cache()
     assert fs.exists(f"{bucket}/out/_SUCCESS")
     job = json.loads(fs.cat_file(f"{bucket}/out/_job.json"))

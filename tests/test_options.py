@@ -127,6 +127,7 @@ def check_row(row: dict, expected: np.ndarray) -> None:
     assert row["class_ids"] == np.flatnonzero(counts).tolist()
     assert row["pixel_counts"] == counts[counts > 0].tolist()
     assert 0 <= row["score"] <= 1
+    assert len(row["class_scores"]) == len(row["class_ids"]) and all(0 <= v <= 1 for v in row["class_scores"])
 
 
 def test_baseline_is_what_the_model_gives(assets, dataset, baseline):

@@ -43,6 +43,7 @@ def result(key: str, ok: bool = True, at: datetime = START) -> dict:
         "mask": mask_png(shade) if ok else None,
         "class_ids": [0, 1] if ok else [],
         "pixel_counts": [40, 24] if ok else [],
+        "class_scores": [0.875, 0.5] if ok else [],
         "score": 0.75 if ok else None,
         "model": MODEL,
         "prompt_set": PROMPT_SET,
