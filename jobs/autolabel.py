@@ -1,9 +1,11 @@
-"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, train, evaluate, or run the bundled demo.
+"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, train, evaluate, export, review, or run the
+bundled demo.
 
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
     seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
+    seggpt-autolabel review OUTPUT_URI [--sample N] [--lowest N] [--class NAME] [--to URI]
     seggpt-autolabel demo [--output DIR]
 
 Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run;
@@ -26,14 +28,15 @@ from pipeline.evaluate import evaluate
 from pipeline.export import FORMATS, ExportError, export
 from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
-from pipeline.overlay import write_overlays
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
+from pipeline.review import ReviewError, review
 from pipeline.storage import storage_failure
 from pipeline.train import train
 
 DEMO = Path(__file__).parent / "demo"
-_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, FileNotFoundError)
+_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, ReviewError,
+             FileNotFoundError)
 
 
 def demo_config(output: str) -> dict:
@@ -48,15 +51,16 @@ def demo_config(output: str) -> dict:
 
 
 def demo(output: str) -> None:
-    """Label the bundled sample, score it against its ground truth and draw overlays."""
+    """Label the bundled sample, score it against its ground truth and write its review page."""
     summary = autolabel(demo_config(output))
     print(summary)
     scores = evaluate(summary.output_uri, str(DEMO / "truth"))
     print(scores.table())
-    overlays = write_overlays(summary.output_uri)
+    page = review(summary.output_uri)
     print(f"demo: mean IoU {scores.mean_iou:.3f} against the sample's ground truth")
-    print(f"look at: {summary.output_uri}/overlays/*.jpg ({len(overlays)} pictures), {summary.output_uri}/masks/*.png "
-          f"(indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), {summary.output_uri}/_job.json")
+    print(f"look at: {page.page} (a page of {len(page.overlays)} overlays, lowest score first), "
+          f"{summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), "
+          f"{summary.output_uri}/_job.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     exporting.add_argument("--min-area", type=int, default=0, metavar="PX", help="drop regions smaller than this")
     exporting.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
                            help="fsspec options for both URIs")
+    reviewing = sub.add_parser("review", help="overlay pictures and a static page of a job's labels")
+    reviewing.add_argument("output", metavar="OUTPUT_URI", help="the job's output")
+    reviewing.add_argument("--sample", type=int, metavar="N", help="picture N random ok images (default 100)")
+    reviewing.add_argument("--lowest", type=int, metavar="N", help="picture the N lowest-scoring ok images")
+    reviewing.add_argument("--class", dest="class_name", metavar="NAME",
+                           help="only images with this class; --lowest by this class's score")
+    reviewing.add_argument("--to", metavar="URI", help="where to write (default OUTPUT_URI/review)")
+    reviewing.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+                           help="fsspec options for the output, the sources and --to")
     demo_parser = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
     demo_parser.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
@@ -103,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scores written to {target}")
         elif args.command == "export":
             print(export(args.output, args.format, to=args.to, classes=args.classes, min_area=args.min_area,
+                         storage_options=args.storage_options))
+        elif args.command == "review":
+            print(review(args.output, sample=args.sample, lowest=args.lowest, class_name=args.class_name, to=args.to,
                          storage_options=args.storage_options))
         elif args.command == "train":
             print(train(args.config, tuple(args.overrides)))

@@ -393,6 +393,30 @@ def _read_image(item: dict[str, Any], storage_options: dict[str, Any], retry: Re
     return _row(item["key"], item["source"], data)
 
 
+def read_images(rows: list[dict[str, str]], *, image_column: str, storage_options: dict[str, Any]) -> dict[str, bytes]:
+    """The encoded images of a few labelled rows (`key`, `source`), on the caller's process: loose files read whole,
+    each tar or Parquet shard streamed once for the members it holds. A key that cannot be read is left out."""
+    found: dict[str, bytes] = {}
+    by_source: dict[str, list[str]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row["key"])
+    for source, keys in by_source.items():
+        fs, path = fsspec.core.url_to_fs(source, **storage_options)
+        shard = pc.struct_field(pc.extract_regex(pa.array([keys[0]]), _SHARD_MEMBER), [0])[0].as_py()
+        try:
+            if shard is None:
+                found[keys[0]] = fs.cat_file(path)
+                continue
+            members = _tar_members if source.lower().endswith(TAR_SUFFIXES) else _parquet_rows
+            wanted = {key[len(shard) + 1 :]: key for key in keys}
+            for name, data, _, _ in members(fs, path, image_column, set()):
+                if name in wanted and data is not None:
+                    found[wanted[name]] = data
+        except Exception:  # noqa: BLE001 - a source gone since the run: its pictures are left out
+            continue
+    return found
+
+
 # A shard's image rows: (member name or row index, bytes or None, error or None, shard_images)
 MemberRows = Iterator[tuple[str, bytes | None, str | None, int]]
 # (fs, path, image column, names to pass over) -> the shard's rows

@@ -11,7 +11,6 @@ access denied, a bad request) are raised at once.
 from __future__ import annotations
 
 import errno
-import itertools
 import random
 import time
 from collections.abc import Callable
@@ -52,13 +51,13 @@ class Retry:
     max_delay_s: float = 8.0
 
     def __call__(self, action: Callable[[], T], uri: str) -> T:
-        deadline = self.deadline()
-        for attempt in itertools.count():
+        deadline, attempt = self.deadline(), 0
+        while True:
             try:
                 return action()
             except Exception as error:
                 self.wait(error, attempt, deadline, uri)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def deadline(self) -> float:
         """When the budget of retries starting now runs out (`time.monotonic()`)."""

@@ -29,6 +29,7 @@ from model import SegGpt, SegGptConfig, load_model
 from model.processing import decode_png, masks_to_class_ids, normalize, prepare_image, upsample_class_map
 from pipeline.export import export
 from pipeline.job import autolabel
+from pipeline.review import review
 from pipeline.prompts import load_prompt_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,10 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
             rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
             unions[names[annotation["image_id"]]][coco_mask.decode(rle) > 0] = annotation["category_id"]
         assert all(np.array_equal(unions[key], maps[key]) for key in maps)
+        pictured = review(f"{bucket}/out", storage_options=storage_options)  # images read back from the shards
+        assert len(pictured.overlays) == len(keys) and pictured.unreadable == []
+        page = fs.cat_file(f"{bucket}/out/review/index.html").decode()
+        assert all(key in page for key in keys)
     fs.invalidate_cache()
     assert fs.exists(f"{bucket}/out/_SUCCESS")
     job = json.loads(fs.cat_file(f"{bucket}/out/_job.json"))
@@ -356,7 +361,9 @@ def test_demo_command_of_the_readme(tmp_path):
     assert table.num_rows == 12 and set(table["status"].to_pylist()) == {"ok"}
     assert (output / "_SUCCESS").exists() and len(list((output / "masks").glob("*.png"))) == 12
     assert "12 ok" in result.stdout and "masks/" in result.stdout
-    overlays = sorted((output / "overlays").glob("*.jpg"))
+    overlays = sorted((output / "review" / "overlays").glob("*.jpg"))  # the review page the README points to
     assert len(overlays) == 12 and Image.open(overlays[0]).size == Image.open(REPO / "jobs/demo/images/sample00.jpg").size
+    page = (output / "review" / "index.html").read_text()
+    assert all(f'src="overlays/{path.name}"' in page for path in overlays) and "review/index.html" in result.stdout
     mean_iou = float(result.stdout.split("demo: mean IoU ")[1].split()[0])  # against the sample's ground truth
     assert mean_iou >= 0.5 and "images compared 12, missing or unusable 0" in result.stdout  # the trained model: 0.55
