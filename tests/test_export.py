@@ -8,6 +8,7 @@ import json
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image, ImageDraw
@@ -160,3 +161,29 @@ def test_cli_refuses_unknown_classes(output, capsys):
     assert cli(["export", uri, "--format", "coco", "--classes", "bar,cat",
                 "--storage-options", json.dumps(options)]) == 2
     assert "--classes: cat not among the job's classes (bar, disc)" in capsys.readouterr().err
+
+
+def test_outputs_from_before_class_scores_still_export_and_review(tmp_path):
+    """A labels file without the `class_scores` column (written before it existed) beside a current one."""
+    from pipeline.review import review
+
+    uri = str(tmp_path / "out")
+    maps = {f"old/{i}.jpg": scene(i)[0] for i in range(3)}
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for key, labels in maps.items():
+        source = images / key.replace("/", "-")
+        Image.fromarray(np.zeros((*labels.shape, 3), np.uint8)).save(source, format="PNG")
+        rows.append({**result(key), "source": str(source), "width": labels.shape[1], "height": labels.shape[0],
+                     "mask": encode_png(labels, build_palette(2))})
+    LabelWriter(uri, {}, png=False)(batch(rows[:1]))
+    old = batch(rows[1:]).drop_columns(["class_scores"])
+    pq.write_table(old, f"{uri}/labels/part-old.parquet")
+    write_job_files(uri, {}, {"classes": CLASSES, "palette": build_palette(2).tolist()}, success=True)
+
+    assert export(uri, "masks", to=str(tmp_path / "masks")).images == 3
+    for key, labels in maps.items():
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{key}.png")), labels)
+    pictured = review(uri, lowest=3)
+    assert len(pictured.overlays) == 3 and pictured.unreadable == []
