@@ -11,7 +11,7 @@ demo: $(VENV)/installed
 	$(VENV)/bin/seggpt-autolabel demo
 
 test: $(VENV)/installed
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=20
 
 $(VENV)/installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)

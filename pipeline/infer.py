@@ -12,7 +12,7 @@ from model import load_model
 from model.memory import keep_freed_memory
 from model.processing import class_scores, masks_to_class_ids, normalize
 from pipeline.prompts import PromptSet
-from pipeline.storage import Retry
+from pipeline.storage import Retry, StorageUnavailable
 
 
 class SegGptPredictor:
@@ -23,7 +23,8 @@ class SegGptPredictor:
     palette colour) the mean over each class's pixels (`model.processing.class_scores`); NaN on error rows.
     Pixels travel to the device as uint8 (pinned, copied without blocking, on CUDA) and are normalised there.
     On the CPU the process keeps freed memory for reuse (`keep_freed_memory`), sparing a page fault per page of
-    every fresh tensor.
+    every fresh tensor. A checkpoint that storage cannot give within the retry budget fails the first batch, not the
+    constructor: Ray reports a constructor's error only as a dead actor, a batch's error whole.
     """
 
     def __init__(
@@ -40,9 +41,15 @@ class SegGptPredictor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.model = retry(
-            lambda: load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options), checkpoint
-        )
+        self.failure: StorageUnavailable | None = None
+        try:
+            self.model = retry(
+                lambda: load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options),
+                checkpoint,
+            )
+        except StorageUnavailable as failure:
+            self.failure = failure
+            return
         self.model.set_attention(attention)
         self.dtype = self.model.pos_embed.dtype
         self.prompt_images = normalize(torch.from_numpy(prompt_set.images).to(self.device), self.dtype)
@@ -52,6 +59,8 @@ class SegGptPredictor:
         self.num_prompts = len(prompt_set.names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failure is not None:
+            raise self.failure
         pixels = batch.pop("pixels")
         ok = np.flatnonzero(batch["status"] == "ok")
         class_dtype = np.uint8 if len(self.palette) <= 256 else np.int32

@@ -178,6 +178,7 @@ def autolabel(
         # worker died (its defaults, kept). Errors inside a task are rows (bad images) or StorageUnavailable (past
         # storage.retry_s): a block that still fails stops the run, never drops its images quietly.
         context.max_errored_blocks = 0
+        context.raise_original_map_exception = True  # so that a StorageUnavailable reaches us whole (exit 3)
         ds = build_dataset(job, work).map_batches(
             LabelWriter,
             fn_constructor_args=(output.uri, options, output.png, retry),

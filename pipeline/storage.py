@@ -94,12 +94,16 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def storage_failure(error: BaseException) -> StorageUnavailable | None:
-    """The `StorageUnavailable` behind `error` (Ray wraps what a task or actor raised), if any."""
+def storage_failure(error: BaseException | None) -> StorageUnavailable | None:
+    """The `StorageUnavailable` behind `error`, if any: Ray passes on what a task or actor raised as the `cause` of
+    its `RayTaskError` (Ray Data with `raise_original_map_exception`, as the job sets it)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, StorageUnavailable):
+            return cause
         if isinstance(error, StorageUnavailable):
             return error
-        seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
