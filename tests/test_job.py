@@ -243,7 +243,7 @@ def long_job(tmp_path: Path, count: int = 130) -> dict:
 
 
 def test_resume_after_killed_driver(tmp_path):
-    count = 130
+    count = 70  # two blocks: the driver dies while the model works through the first
     config = long_job(tmp_path, count)
     output = tmp_path / "out"
     config_path = tmp_path / "job.yaml"

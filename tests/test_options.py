@@ -17,13 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from PIL import ExifTags, Image
 
 from model import SegGpt, load_model
 from model.processing import (build_palette, decode_png, masks_to_class_ids, normalize, prepare_image, prepare_mask,
                               upsample_class_map)
+from model.seggpt import Attention
+from pipeline.infer import SegGptPredictor
 from pipeline.job import autolabel
+from pipeline.prompts import load_prompt_set
+from pipeline.storage import Retry
 from test_job import CLASSES, TINY, encoded, job_config, make_assets, picture, read_labels
 
 # build_palette(2) by the README's rule: base = int(2 ** (1/3)) + 1 = 2, margin 256 // 2 = 128; class i >= 1 is
@@ -253,17 +258,17 @@ def test_bfloat16(assets, dataset, baseline, tmp_path):
     assert (output / "_SUCCESS").exists()
 
 
-def test_jpeg_draft_flex_attention_and_fractional_cpu_tasks(assets, tmp_path, ray_session):
-    """`input.jpeg_draft`, `model.attention: flex` and `compute.cpus_per_task: 0.5` in one run. Each 256x192 JPEG is
-    labelled from PIL's draft decoding (1/4 scale, 64x48: the smallest still >= the model's 32x32) and its row keeps
-    the full size; FlexAttention labels as the model package does with SDPA."""
+def test_jpeg_draft_and_fractional_cpu_tasks(assets, tmp_path, ray_session):
+    """`input.jpeg_draft` and `compute.cpus_per_task: 0.5` in one run. Each 256x192 JPEG is labelled from PIL's draft
+    decoding (1/4 scale, 64x48: the smallest still >= the model's 32x32) and its row keeps the full size.
+    (`model.attention: flex` is checked below without a run: on the CPU it compiles for half a minute; its numbers are
+    test_attention's.)"""
     folder = tmp_path / "large"
     folder.mkdir()
     images = {f"large{i}.jpg": encoded(picture(400 + i, (256, 192))) for i in range(4)}  # 2 batches of 2
     for key, data in images.items():
         (folder / key).write_bytes(data)
-    rows = run_job(assets, str(folder), tmp_path / "out", input={"jpeg_draft": True}, model={"attention": "flex"},
-                   compute={"cpus_per_task": 0.5})
+    rows = run_job(assets, str(folder), tmp_path / "out", input={"jpeg_draft": True}, compute={"cpus_per_task": 0.5})
     assert sorted(rows) == sorted(images)
     for key, data in images.items():
         image = Image.open(io.BytesIO(data))
@@ -273,3 +278,13 @@ def test_jpeg_draft_flex_attention_and_fractional_cpu_tasks(assets, tmp_path, ra
         expected = model_map(assets, image, shape=(192, 256))
         check_row(rows[key], expected)
         assert not np.array_equal(expected, model_map(assets, Image.open(io.BytesIO(data)))), "draft changed nothing"
+
+
+def test_the_attention_option_reaches_the_inference_actor(assets, ray_session):
+    prompts = load_prompt_set(str(assets / "prompts"), classes=tuple(CLASSES), mask_format="labels",
+                              embedding="semantic", size=(64, 32))
+    for option, backend in (("flex", "flex"), ("sdpa", "sdpa"), ("auto", "sdpa")):  # auto on the CPU: sdpa
+        predictor = SegGptPredictor(str(assets / "checkpoint"), ray.put(prompts), dtype="float32", attention=option,
+                                    storage_options={}, retry=Retry(1))
+        backends = {module.backend for module in predictor.model.modules() if isinstance(module, Attention)}
+        assert backends == {backend}, option
