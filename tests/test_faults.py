@@ -211,7 +211,7 @@ def test_a_30_second_outage_mid_run_is_ridden_out(tmp_path, flaky_s3, ray_sessio
 def test_past_the_retry_budget_the_job_exits_3_and_a_later_run_completes(tmp_path, flaky_s3, ray_session, capfd):
     """The server goes away as the run starts labelling (its `_job.json` is written) and stays away: reads become
     error rows, but the model's checkpoint and the writes cannot wait, whichever comes first stops the run."""
-    config, fs = s3_job(tmp_path, flaky_s3, 20, "budget")
+    config, fs = s3_job(tmp_path, flaky_s3, 10, "budget")
     watcher, seen = outage_when(flaky_s3, fs, "budget/out/_job.json", seconds=None)
     capfd.readouterr()
 

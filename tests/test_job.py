@@ -311,6 +311,20 @@ def test_a_daily_rerun_labels_exactly_the_new_images_and_touches_nothing_else(as
     ]
 
 
+REFUSALS_CHILD = """
+import contextlib, io, json, sys
+import ray
+from jobs.autolabel import main
+results = []
+for path in sys.argv[1:]:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["run", path])
+    results.append({"code": code, "stderr": stderr.getvalue(), "ray": ray.is_initialized()})
+print(json.dumps(results))
+"""
+
+
 def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     good = job_config(assets, str(tmp_path), str(tmp_path / "out"), {})
     cases = {
@@ -327,14 +341,19 @@ def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     (mismatched / "model.safetensors").write_bytes((assets / "checkpoint" / "model.safetensors").read_bytes())
     (mismatched / "config.json").write_text(json.dumps({**TINY, "hidden_size": 64}))
     cases["checkpoint"] = ({**good, "model": {"checkpoint": str(mismatched)}}, "mis-shaped")
-    for name, (config, expected) in cases.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        result = run_cli("run", str(path))
-        assert result.returncode == 2, name
-        assert expected in result.stderr, (name, result.stderr)
-        assert "Ray" not in result.stderr, name  # refused before Ray started
-        assert not (tmp_path / "out").exists()
+    paths = []
+    for name, (config, _) in cases.items():
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(config))
+    # one fresh process runs the CLI on every case, and says whether Ray was ever started in it
+    child = subprocess.run([sys.executable, "-c", REFUSALS_CHILD, *map(str, paths)], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    results = json.loads(child.stdout.splitlines()[-1])
+    for (name, (_, expected)), result in zip(cases.items(), results):
+        assert result["code"] == 2, (name, result)
+        assert expected in result["stderr"] and result["stderr"].startswith("seggpt-autolabel: error: "), (name, result)
+        assert not result["ray"], name  # refused before Ray started
+    assert len(results) == len(cases) and not (tmp_path / "out").exists()
 
 
 def test_dry_run_counts_inputs(assets, tmp_path):
