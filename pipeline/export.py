@@ -35,11 +35,9 @@ from pycocotools import mask as coco_mask
 
 from model.processing import decode_png
 from pipeline.read import IMAGE_EXTENSIONS
-from pipeline.write import JOB_FILE, LABELS_DIR, key_path
+from pipeline.write import JOB_FILE, LABELS_DIR, key_path, label_rows
 
 FORMATS = ("coco", "yolo-seg", "masks")
-_BATCH_ROWS = 64
-_COLUMNS = ["key", "status", "width", "height", "mask"]
 
 
 class ExportError(ValueError):
@@ -102,7 +100,7 @@ def export(
     files = sorted(fs.find(f"{root}/{LABELS_DIR}"))
     total = sum(_row_count(fs, path) for path in files)
     last_report = time.monotonic()
-    for row in _rows(fs, files):
+    for row in label_rows(fs, root, ["key", "status", "mask"]):
         if row["status"] != "ok" or row["mask"] is None:
             summary.skipped += 1
             continue
@@ -131,13 +129,6 @@ def _kept_class_ids(names: list[str], classes: list[str] | None) -> list[int]:
 def _row_count(fs: fsspec.AbstractFileSystem, path: str) -> int:
     with fs.open(path, "rb") as handle:
         return pq.ParquetFile(handle).metadata.num_rows
-
-
-def _rows(fs: fsspec.AbstractFileSystem, files: list[str]) -> Iterator[dict[str, Any]]:
-    for path in files:
-        with fs.open(path, "rb", cache_type="none") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(_BATCH_ROWS, columns=_COLUMNS):
-                yield from batch.to_pylist()
 
 
 def _regions(class_map: np.ndarray, kept: list[int], min_area: int) -> Iterator[Region]:

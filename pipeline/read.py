@@ -45,6 +45,7 @@ rows it already gave.
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -402,13 +403,13 @@ def read_images(rows: list[dict[str, str]], *, image_column: str, storage_option
         by_source.setdefault(row["source"], []).append(row["key"])
     for source, keys in by_source.items():
         fs, path = fsspec.core.url_to_fs(source, **storage_options)
-        shard = pc.struct_field(pc.extract_regex(pa.array([keys[0]]), _SHARD_MEMBER), [0])[0].as_py()
+        shard = re.match(_SHARD_MEMBER, keys[0])
         try:
             if shard is None:
                 found[keys[0]] = fs.cat_file(path)
                 continue
             members = _tar_members if source.lower().endswith(TAR_SUFFIXES) else _parquet_rows
-            wanted = {key[len(shard) + 1 :]: key for key in keys}
+            wanted = {key[shard.end() :]: key for key in keys}
             for name, data, _, _ in members(fs, path, image_column, set()):
                 if name in wanted and data is not None:
                     found[wanted[name]] = data

@@ -21,7 +21,6 @@ import json
 import math
 import random
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,14 @@ import cv2
 import fsspec
 import jinja2
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageOps
 
 from model.processing import decode_png
 from pipeline.read import read_images
-from pipeline.write import JOB_FILE, LABELS_DIR, key_path
+from pipeline.write import JOB_FILE, key_path, label_rows
 
 REVIEW_DIR = "review"
-_COLUMNS = ["key", "source", "status", "score", "class_ids", "pixel_counts", "mask"]
+_COLUMNS = ["key", "source", "status", "score", "class_ids", "pixel_counts", "mask"]  # and class_scores if there
 
 
 class ReviewError(ValueError):
@@ -123,7 +121,7 @@ def review(
     chooser = _Chooser(sample or 0, lowest or 0, class_id, seed)
     totals = [ClassTotals() for _ in names]
     result = Review(page="", overlays=[])
-    for row in _rows(fs, root):
+    for row in label_rows(fs, root, _COLUMNS, optional=("class_scores",)):
         result.rows += 1
         if row["status"] != "ok":
             continue
@@ -167,16 +165,6 @@ def review(
     out_fs.pipe_file(f"{out_root}/index.html", page.encode())
     result.page = out_fs.unstrip_protocol(f"{out_root}/index.html")
     return result
-
-
-def _rows(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[dict[str, Any]]:
-    """Every row of `labels/`, a Parquet batch at a time (`class_scores` where the file has it)."""
-    for path in sorted(fs.find(f"{root}/{LABELS_DIR}")):
-        with fs.open(path, "rb", cache_type="none") as handle:
-            parquet = pq.ParquetFile(handle)
-            columns = _COLUMNS + (["class_scores"] if "class_scores" in parquet.schema_arrow.names else [])
-            for batch in parquet.iter_batches(64, columns=columns):
-                yield from batch.to_pylist()
 
 
 class _Chooser:

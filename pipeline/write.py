@@ -31,7 +31,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -126,6 +126,19 @@ class LabelWriter:
         if files:
             self.retry(lambda: self.fs.pipe(files), self.fs.unstrip_protocol(f"{self.root}/{MASKS_DIR}"))
         return pa.array(uris, pa.string())
+
+
+def label_rows(
+    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], optional: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """Every row of the output's `labels/`, read 64 at a time: `columns`, and each of `optional` where a file has it
+    (files written before a column existed lack it)."""
+    for path in sorted(fs.find(f"{root}/{LABELS_DIR}")):
+        with fs.open(path, "rb", cache_type="none") as handle:
+            parquet = pq.ParquetFile(handle)
+            present = columns + [name for name in optional if name in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(64, columns=present):
+                yield from batch.to_pylist()
 
 
 def key_path(key: str, suffix: str) -> str:
