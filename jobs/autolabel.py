@@ -1,11 +1,13 @@
-"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, train, evaluate, export, review, or run the
-bundled demo.
+"""`seggpt-autolabel`: run the auto-labelling job from a YAML config, train, evaluate, export, review, choose or tune
+prompts, or run the bundled demo.
 
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
     seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
     seggpt-autolabel review OUTPUT_URI [--sample N] [--lowest N] [--class NAME] [--to URI]
+    seggpt-autolabel select-prompts POOL_URI --checkpoint URI --k K --classes a,b [--val-fraction F] [--to URI]
+    seggpt-autolabel tune CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel demo [--output DIR]
 
 Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run;
@@ -31,12 +33,14 @@ from pipeline.lease import OutputError
 from pipeline.prompts import PromptSetError
 from pipeline.read import InputError
 from pipeline.review import ReviewError, review
+from pipeline.select import SelectionError, select_prompts
 from pipeline.storage import storage_failure
 from pipeline.train import train
+from pipeline.tune import tune
 
 DEMO = Path(__file__).parent / "demo"
 _REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, ReviewError,
-             FileNotFoundError)
+             SelectionError, FileNotFoundError)
 
 
 def demo_config(output: str) -> dict:
@@ -100,6 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     reviewing.add_argument("--to", metavar="URI", help="where to write (default OUTPUT_URI/review)")
     reviewing.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
                            help="fsspec options for the output, the sources and --to")
+    selecting = sub.add_parser("select-prompts", help="choose K prompts from a labelled pool by validation mean IoU")
+    selecting.add_argument("pool", metavar="POOL_URI", help="labelled images: image + NAME.png masks, tar or Parquet")
+    selecting.add_argument("--checkpoint", required=True, metavar="URI", help="the model that will label with them")
+    selecting.add_argument("--k", type=int, required=True, help="how many prompts to choose")
+    selecting.add_argument("--classes", required=True, type=lambda text: tuple(text.split(",")), metavar="A,B",
+                           help="names of class ids 1, 2, ... of the pool's masks")
+    selecting.add_argument("--val-fraction", type=float, default=0.25, metavar="F", help="held out to score on")
+    selecting.add_argument("--candidates", type=int, default=32, metavar="N", help="training images to choose from")
+    selecting.add_argument("--random-draws", type=int, default=5, metavar="N", help="random K-sets to compare with")
+    selecting.add_argument("--seed", type=int, default=0)
+    selecting.add_argument("--format", default="auto", choices=("auto", "images", "webdataset", "parquet"))
+    selecting.add_argument("--embedding", default="semantic", choices=("semantic", "instance"))
+    selecting.add_argument("--to", default="selected-prompts", metavar="URI",
+                           help="the prompt folder to write (default ./selected-prompts)")
+    selecting.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
+                           help="fsspec options for the pool, the checkpoint and --to")
+    tuning = sub.add_parser("tune", help="in-context tuning of one prompt (model frozen) on Ray Train")
+    tuning.add_argument("config", help="path of the tuning's YAML config")
+    tuning.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable)")
     demo_parser = sub.add_parser("demo", help="label the bundled sample into ./seggpt-demo-output")
     demo_parser.add_argument("--output", default="seggpt-demo-output")
     args = parser.parse_args(argv)
@@ -122,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                          storage_options=args.storage_options))
         elif args.command == "train":
             print(train(args.config, tuple(args.overrides)))
+        elif args.command == "select-prompts":
+            print(select_prompts(args.pool, checkpoint=args.checkpoint, classes=args.classes, k=args.k, to=args.to,
+                                 val_fraction=args.val_fraction, candidates=args.candidates,
+                                 random_draws=args.random_draws, seed=args.seed, format=args.format,
+                                 embedding=args.embedding, storage_options=args.storage_options))
+        elif args.command == "tune":
+            print(tune(args.config, tuple(args.overrides)))
         elif args.dry_run:
             print(json.dumps(dry_run(args.config, tuple(args.overrides)), indent=2, default=str))
         else:

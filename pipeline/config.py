@@ -46,11 +46,14 @@ def _string(key: str, value: Any) -> str:
 
 
 def _location(key: str, value: Any) -> str:
+    return absolute_uri(_string(key, value))
+
+
+def absolute_uri(uri: str) -> str:
     """A URI; a local path is made absolute here, on the driver, since Ray's workers run in folders of their own."""
-    value = _string(key, value)
-    if fsspec.core.split_protocol(value)[0] not in (None, "file", "local"):
-        return value
-    return os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(value)))
+    if fsspec.core.split_protocol(uri)[0] not in (None, "file", "local"):
+        return uri
+    return os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(uri)))
 
 
 def _locations(key: str, value: Any) -> str | tuple[str, ...]:
@@ -398,3 +401,70 @@ def load_train_config(source: str | os.PathLike | Mapping[str, Any], overrides: 
     """The training config, read and checked like the job's (`load_config`)."""
     return TrainConfig(**_load(source, overrides, _TRAIN_SECTIONS, {"data", "train", "compute", "storage_options"}))
 
+
+
+# --- the in-context tuning config (`seggpt-autolabel tune`) --------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneModelConfig:
+    checkpoint: str = _option(_location)  # the model, frozen
+
+
+@dataclass(frozen=True)
+class TunePromptConfig:
+    uri: str = _option(_location)  # a prompt folder, manifest or tuned prompt file, as prompts.uri takes
+    classes: tuple[str, ...] = _option(_class_names)
+    name: str | None = _option(lambda key, value: None if value is None else _string(key, value), None)  # default: first
+    mask_format: str = _option(_choice("labels", "rgb"), "labels")
+    embedding: str = _option(_choice("semantic", "instance"), "semantic")
+
+
+@dataclass(frozen=True)
+class TuneDataConfig:
+    uri: str | tuple[str, ...] = _option(_locations)  # the labelled pool (pipeline.labelled)
+    format: str = _option(_choice("auto", "images", "webdataset", "parquet"), "auto")
+    image_column: str = _option(_string, "image")
+    mask_column: str = _option(_string, "mask")
+    mask_field: str = _option(_string, "seg.png")
+    val_fraction: float = _option(_number, 0.25)  # of the pool, by key: the same split as select-prompts'
+    seed: int = _option(_count, 0)
+
+
+@dataclass(frozen=True)
+class TuneLoopConfig:
+    steps: int = _option(_positive_int, 200)
+    batch_size: int = _option(_positive_int, 8)  # target images per worker and step
+    lr: float = _option(_number, 0.01)  # Adam, on the prompt's normalised pixels
+    log_every: int = _option(_positive_int, 10)
+    checkpoint_every: int = _option(_positive_int, 50)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    model: TuneModelConfig
+    prompt: TunePromptConfig
+    data: TuneDataConfig
+    output: TrainOutputConfig
+    train: TuneLoopConfig = field(default_factory=TuneLoopConfig)
+    compute: TrainComputeConfig = field(default_factory=TrainComputeConfig)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
+        return _as_dict(self, redact)
+
+
+_TUNE_SECTIONS: dict[str, type] = {
+    "model": TuneModelConfig,
+    "prompt": TunePromptConfig,
+    "data": TuneDataConfig,
+    "train": TuneLoopConfig,
+    "output": TrainOutputConfig,
+    "compute": TrainComputeConfig,
+}
+
+
+def load_tune_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> TuneConfig:
+    """The tuning config, read and checked like the job's (`load_config`)."""
+    return TuneConfig(**_load(source, overrides, _TUNE_SECTIONS, {"train", "compute", "storage_options"}))

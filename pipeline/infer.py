@@ -52,8 +52,7 @@ class SegGptPredictor:
             return
         self.model.set_attention(attention)
         self.dtype = self.model.pos_embed.dtype
-        self.prompt_images = normalize(torch.from_numpy(prompt_set.images).to(self.device), self.dtype)
-        self.prompt_masks = normalize(torch.from_numpy(prompt_set.masks).to(self.device), self.dtype)
+        self.prompt_images, self.prompt_masks = (part.to(self.device, self.dtype) for part in prompt_set.tensors())
         self.palette = torch.from_numpy(prompt_set.palette).to(self.device)
         self.embedding = prompt_set.embedding
         self.num_prompts = len(prompt_set.names)

@@ -298,6 +298,7 @@ def _job_info(
         "classes": ["background", *job.prompts.classes],
         "palette": job.prompts.palette.tolist(),
         "prompts": list(job.prompts.names),
+        "prompt_kinds": dict(zip(job.prompts.names, job.prompts.kinds)),  # "pair" or "tuned" (a tuned prompt file)
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
                      "python": sys.version.split()[0]},
         **run,

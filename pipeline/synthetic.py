@@ -53,20 +53,24 @@ def random_task(rng: np.random.Generator, num_classes: int | None = None) -> Tas
     return Task(classes=looks, background=colours[n], clutter=colours[n + 1])
 
 
-def render(task: Task, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One image of `task` at `size` = (height, width) and its label map; every class appears at least once
-    when the task has at most three classes, else each with probability 0.8."""
+def render(task: Task, rng: np.random.Generator, size: tuple[int, int], *, presence: float | None = None,
+           scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One image of `task` at `size` = (height, width) and its label map. Each class appears with probability
+    `presence`; by default always when the task has at most three classes, else with probability 0.8. `scale`
+    multiplies the classes' sizes."""
     height, width = size
     image = np.clip(np.array(task.background) + rng.normal(0, 10, (height, width, 3)), 0, 255).astype(np.uint8)
     labels = np.zeros((height, width), np.uint8)
     canvas = Image.fromarray(image)
     for _ in range(int(rng.integers(0, 3))):  # clutter: small blobs of a colour no class has
         _draw(canvas, None, ClassLook("disc", task.clutter, "noise", (0.04, 0.08)), 0, rng)
-    present = [i for i in range(len(task.classes)) if len(task.classes) <= 3 or rng.random() < 0.8]
+    if presence is None:
+        presence = 1.0 if len(task.classes) <= 3 else 0.8
+    present = [i for i in range(len(task.classes)) if presence >= 1.0 or rng.random() < presence]
     instances = [i for i in present for _ in range(int(rng.integers(1, 3)))]
     label_canvas = Image.fromarray(labels)
     for i in rng.permutation(instances):
-        _draw(canvas, label_canvas, task.classes[i], int(i) + 1, rng)
+        _draw(canvas, label_canvas, task.classes[i], int(i) + 1, rng, scale)
     return np.asarray(canvas), np.asarray(label_canvas)
 
 
@@ -76,9 +80,10 @@ def task_pair(rng: np.random.Generator, size: tuple[int, int], num_classes: int 
     return (*render(task, rng, size), *render(task, rng, size))
 
 
-def _draw(canvas: Image.Image, labels: Image.Image | None, look: ClassLook, label: int, rng: np.random.Generator) -> None:
+def _draw(canvas: Image.Image, labels: Image.Image | None, look: ClassLook, label: int, rng: np.random.Generator,
+          scale: float = 1.0) -> None:
     width, height = canvas.size
-    radius = max(2, int(min(width, height) * rng.uniform(*look.size)))
+    radius = max(2, int(min(width, height) * rng.uniform(*look.size) * scale))
     x, y = (int(rng.integers(radius // 2, side - radius // 2)) for side in (width, height))
     box = (x - radius, y - radius, x + radius, y + radius)
     mask = Image.new("L", canvas.size, 0)

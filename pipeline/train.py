@@ -167,7 +167,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     first_step, records = 0, []
     if resume is not None:
-        state = _read_trainer_state(resume[0], options)
+        state = read_trainer_state(resume[0], options)
         optimizer.load_state_dict(state["optimizer"])
         first_step, records = state["step"], state["records"]
 
@@ -206,7 +206,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             losses, interval_start = [], time.monotonic()
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
-            _write_checkpoint(plain_model, optimizer, done, records, config)
+            write_checkpoint(config.output.uri, options, done, lambda uri: save_checkpoint(plain_model, uri, options),
+                             optimizer, records)
 
 
 def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, int]]:
@@ -237,18 +238,19 @@ def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (_MIN_LR_SHARE + (1 - _MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _write_checkpoint(model: SegGpt, optimizer: torch.optim.Optimizer, step: int, records: list[dict],
-                      config: TrainConfig) -> None:
-    options = config.storage_options
-    uri = f"{config.output.uri.rstrip('/')}/checkpoint-{step:07d}"
-    save_checkpoint(model, uri, options)
-    fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
+def write_checkpoint(output_uri: str, storage_options: dict[str, Any], step: int, write: Callable[[str], None],
+                     optimizer: torch.optim.Optimizer, records: list[dict]) -> None:
+    """`checkpoint-<step>/` under `output_uri`: `write(its URI)` writes what is trained, then the log and, last (it
+    marks the checkpoint complete), `trainer.pt` with the optimizer's state, the step and the log's records."""
+    uri = f"{output_uri.rstrip('/')}/checkpoint-{step:07d}"
+    write(uri)
+    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
     fs.pipe_file(f"{root}/{LOG_FILE}", "".join(json.dumps(record) + "\n" for record in records).encode())
     state = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "records": records}, state)
-    fs.pipe_file(f"{root}/checkpoint-{step:07d}/{TRAINER_FILE}", state.getvalue())  # last: marks it complete
+    fs.pipe_file(f"{root}/checkpoint-{step:07d}/{TRAINER_FILE}", state.getvalue())
 
 
-def _read_trainer_state(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+def read_trainer_state(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     fs, path = fsspec.core.url_to_fs(f"{uri}/{TRAINER_FILE}", **storage_options)
     return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True)

@@ -1,0 +1,121 @@
+"""Prompt sets scored on labelled images through the model, on Ray Data: what `select-prompts` and `tune` measure.
+
+A labelled pool (`pipeline.labelled`) is split by a hash of each key and a seed, so a key lands on the same side in
+every run and in both commands; its rows are kept in Ray's object store as blocks, and long-lived actors that hold
+the model score one block per call, so that the many passes of a greedy choice load the model once. A *prompt set* is a list of indices into an array of prompts (normalised (P, 3, H, W)
+image and mask tensors); each image is labelled with the whole set as one feature-ensembled group, as the labelling
+job does (`model.predict` with `num_prompts`), and compared with its label map at the model's input size. The result
+is per-class intersection and union pixel counts, summed over the images (`pipeline.evaluate.Evaluation` turns
+them into IoU and mean IoU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+
+from model import load_model
+from model.processing import build_palette, masks_to_class_ids, normalize
+from pipeline.evaluate import Evaluation
+
+
+def in_validation(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """bool per key: whether it belongs to the validation part (a hash of seed and key below `fraction`)."""
+    def share(key: str) -> float:
+        return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+    return np.array([share(str(key)) < fraction for key in keys], dtype=bool)
+
+
+def split_rows(rows: ray.data.Dataset, fraction: float, seed: int, num_labels: int) -> ray.data.Dataset:
+    """`read_labelled` rows plus `validation` (bool) and `present` (uint8 (num_labels,): 1 where a class occurs)."""
+    return rows.map_batches(_split, batch_size=None, batch_format="numpy", num_cpus=0.5,
+                            fn_kwargs={"fraction": fraction, "seed": seed, "num_labels": num_labels})
+
+
+def _split(batch: dict[str, np.ndarray], *, fraction: float, seed: int, num_labels: int) -> dict[str, np.ndarray]:
+    labels = batch["labels"].reshape(len(batch["key"]), -1)
+    batch["validation"] = in_validation(batch["key"], fraction, seed)
+    batch["present"] = np.stack([np.bincount(row, minlength=num_labels)[:num_labels] > 0 for row in labels]
+                                ).astype(np.uint8) if len(labels) else np.zeros((0, num_labels), np.uint8)
+    return batch
+
+
+def prompt_tensors(images: np.ndarray, labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (P, H, W, 3) and label maps (P, H, W) -> normalised float32 (P, 3, H, W) image and mask arrays,
+    the mask painted with the class palette (what the labelling job makes of a prompt folder of these)."""
+    painted = build_palette(num_labels - 1)[labels]
+    return (normalize(torch.from_numpy(np.ascontiguousarray(images))).numpy(),
+            normalize(torch.from_numpy(np.ascontiguousarray(painted))).numpy())
+
+
+class PromptScorer:
+    """Ray actors (one CPU, or one GPU where the cluster has them) that hold the model and an array of prompts, and
+    score prompt sets on blocks of `split_rows` rows: the training or the validation part, usable rows only."""
+
+    def __init__(self, checkpoint: str, prompts: tuple[np.ndarray, np.ndarray], *, classes: tuple[str, ...],
+                 embedding: str, storage_options: dict[str, Any], actors: int = 1) -> None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actor = ray.remote(_Scorer).options(num_cpus=1, num_gpus=gpus)
+        shared = ray.put(prompts)
+        self.classes = ("background", *classes)
+        self.actors = [actor.remote(checkpoint, shared, num_labels=len(self.classes), embedding=embedding,
+                                    dtype="bfloat16" if gpus else "float32", storage_options=storage_options)
+                       for _ in range(actors)]
+
+    def score(self, blocks: list[ray.ObjectRef], sets: list[list[int]], *, validation: bool) -> list[Evaluation]:
+        """One `Evaluation` per set (a list of prompt indices) over the usable rows of `blocks` in that part."""
+        results = ray.get([self.actors[i % len(self.actors)].score.remote(block, sets, validation)
+                           for i, block in enumerate(blocks)])
+        totals = sum(counts for counts, _ in results)
+        compared = sum(rows for _, rows in results)
+        return [Evaluation(list(self.classes), total[0], total[1], compared=compared) for total in totals]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class _Scorer:
+    def __init__(self, checkpoint: str, prompts: tuple[np.ndarray, np.ndarray], *, num_labels: int, embedding: str,
+                 dtype: str, storage_options: dict[str, Any]) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options)
+        self.dtype = self.model.pos_embed.dtype
+        self.prompt_images, self.prompt_masks = (torch.tensor(part, device=self.device, dtype=self.dtype)
+                                                 for part in prompts)
+        self.num_labels, self.embedding = num_labels, embedding
+        self.palette = torch.from_numpy(build_palette(num_labels - 1)).to(self.device)
+
+    @torch.inference_mode()
+    def score(self, block: dict[str, np.ndarray], sets: list[list[int]], validation: bool,
+              batch_size: int = 8) -> tuple[np.ndarray, int]:
+        """(S, 2, C) int64: per set and class, the pixels in both truth and labels and in either; and the rows."""
+        rows = np.flatnonzero((block["error"] == "") & (block["validation"] == validation))
+        counts = np.zeros((len(sets), 2, self.num_labels), np.int64)
+        for start in range(0, len(rows), batch_size):
+            chosen = rows[start : start + batch_size]
+            n = len(chosen)
+            pixels = normalize(torch.from_numpy(block["image"][chosen]).to(self.device), self.dtype)
+            truth = torch.from_numpy(block["labels"][chosen]).to(self.device).long()
+            for s, members in enumerate(sets):
+                k = len(members)
+                pred = self.model.predict(pixels.repeat_interleave(k, dim=0),
+                                          self.prompt_images[members].repeat(n, 1, 1, 1),
+                                          self.prompt_masks[members].repeat(n, 1, 1, 1),
+                                          num_prompts=k, embedding_type=self.embedding)
+                ids, _ = masks_to_class_ids(pred, self.palette)
+                counts[s] += _overlap(ids.long(), truth, self.num_labels).cpu().numpy()
+        return counts, len(rows)
+
+
+def _overlap(ids: torch.Tensor, truth: torch.Tensor, c: int) -> torch.Tensor:
+    """(n, h, w) predicted and true class ids -> (2, c): per class, pixels in both and pixels in either."""
+    pairs = torch.bincount((truth * c + ids).reshape(-1), minlength=c * c).reshape(c, c)  # [truth, predicted]
+    both = pairs.diagonal()
+    return torch.stack([both, pairs.sum(0) + pairs.sum(1) - both])

@@ -1,0 +1,226 @@
+"""`select-prompts`: choose K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
+
+The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`). Up to
+`candidates` usable images of the training part are the candidates: a random draw, plus for each class the draw
+lacks the first image that shows it. Each step scores every candidate added to the set chosen so far, as one
+feature-ensembled prompt set, on the whole validation part (one Ray Data pass per step, through the model), and
+keeps the one with the highest mean IoU among those after which the remaining steps can still cover every class.
+The report compares each step with the best single candidate and with random sets of K candidates (the mean over
+`random_draws` draws). The chosen prompts are written as a prompt folder (`NAME.png` and `NAME.mask.png` at the
+model's input size: the tensors that were scored) that `prompts.uri` takes, with `report.json` beside them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import fsspec
+import numpy as np
+import ray
+from PIL import Image
+
+from model import check_checkpoint
+from pipeline.config import absolute_uri
+from pipeline.evaluate import Evaluation
+from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
+from pipeline.scoring import PromptScorer, prompt_tensors, split_rows
+
+REPORT_FILE = "report.json"
+
+
+class SelectionError(ValueError):
+    """A pool or request that prompts cannot be chosen from; the message says why."""
+
+
+@dataclass
+class Selection:
+    names: list[str]  # the chosen prompts, in the order chosen
+    steps: list[dict[str, Any]]  # each step's added key and scores
+    best_single: dict[str, Any]
+    random: dict[str, Any]
+    counts: dict[str, int]  # training, validation, candidates, skipped
+    to: str
+    classes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [(f"step {s['step']}: + {s['key']}", s) for s in self.steps]
+        rows += [(f"best single: {self.best_single['key']}", self.best_single),
+                 (f"random {len(self.steps)}-sets (mean of {self.random['draws']})", self.random)]
+        width = max(len(label) for label, _ in rows) + 2
+        lines = [f"{'':<{width}}{'mean IoU':>10}" + "".join(f"{name[:12]:>13}" for name in self.classes)]
+        for label, scores in rows:
+            lines.append(f"{label:<{width}}{scores['mean_iou']:>10.3f}"
+                         + "".join(f"{_cell(scores['iou'].get(name)):>13}" for name in self.classes))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        c = self.counts
+        return (f"{self.table()}\nvalidation images {c['validation']}, training images {c['training']}, candidates "
+                f"{c['candidates']}, unusable pairs skipped {c['skipped']}\nprompt folder: {self.to} "
+                f"(prompts.uri; report: {self.to.rstrip('/')}/{REPORT_FILE})")
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def select_prompts(
+    pool_uri: str | tuple[str, ...],
+    *,
+    checkpoint: str,
+    classes: tuple[str, ...],
+    k: int,
+    to: str,
+    val_fraction: float = 0.25,
+    candidates: int = 32,
+    random_draws: int = 5,
+    seed: int = 0,
+    format: str = "auto",
+    embedding: str = "semantic",
+    batch_size: int = 8,
+    actors: int = 1,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Selection:
+    """Choose `k` prompts for `classes` from the pool at `pool_uri` and write them as a prompt folder at `to`."""
+    options = storage_options or {}
+    pool_uri = absolute_uri(pool_uri) if isinstance(pool_uri, str) else tuple(map(absolute_uri, pool_uri))
+    checkpoint, to = absolute_uri(checkpoint), absolute_uri(to)
+    if k < 1 or candidates < k or not 0 < val_fraction < 1:
+        raise SelectionError(f"need 1 <= k <= candidates and 0 < val_fraction < 1, got k={k}, "
+                             f"candidates={candidates}, val_fraction={val_fraction}")
+    size = check_checkpoint(checkpoint, storage_options=options).input_size
+    source = LabelledSource(pool_uri, format)
+    items = labelled_pairs(source, options, len(classes))
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    blocks = split_rows(read_labelled(items, source, options, size, len(classes)), val_fraction, seed,
+                        len(classes) + 1).materialize().to_numpy_refs()
+    keys, where, validation, present, skipped = _index(blocks)
+    train = np.flatnonzero(~validation)
+    if not validation.any() or len(train) < k:
+        raise SelectionError(f"the pool has {int(validation.sum())} validation and {len(train)} training images "
+                             f"(val_fraction {val_fraction}): need at least 1 and k={k}")
+    rng = np.random.default_rng(seed)
+    pool = _candidates(train, present, classes, candidates, rng)
+    images, labels = _fetch(blocks, where[pool])
+    shows = [frozenset(np.flatnonzero(present[i][1:]) + 1) for i in pool]
+    log(f"select-prompts: {len(pool)} candidates, {int(validation.sum())} validation images")
+    scorer = PromptScorer(checkpoint, prompt_tensors(images, labels, len(classes) + 1), classes=classes,
+                          embedding=embedding, storage_options=options, actors=actors)
+    try:
+        draws = [sorted(rng.choice(len(pool), k, replace=False).tolist()) for _ in range(random_draws)]
+        scored = scorer.score(blocks, [[i] for i in range(len(pool))] + draws, validation=True)
+        singles, random = scored[: len(pool)], scored[len(pool):]
+        chosen: list[int] = []
+        steps = []
+        need = frozenset(range(1, len(classes) + 1))
+        for step in range(k):
+            covered = frozenset().union(*(shows[i] for i in chosen))
+            allowed = [i for i in range(len(pool))
+                       if i not in chosen and _can_cover(covered | shows[i], k - step - 1, shows, need)]
+            if not allowed:
+                raise SelectionError(f"no {k} candidates together show every class {list(classes)}: raise --k or "
+                                     f"--candidates")
+            scores = [singles[i] for i in allowed] if step == 0 else scorer.score(
+                blocks, [chosen + [i] for i in allowed], validation=True)
+            best, evaluation = max(zip(allowed, scores), key=lambda pair: pair[1].mean_iou)
+            chosen.append(best)
+            steps.append({"step": step + 1, "key": str(keys[pool[best]]), **_scores(evaluation)})
+            log(f"select-prompts: step {step + 1}/{k}: + {keys[pool[best]]}, mean IoU {evaluation.mean_iou:.3f}")
+    finally:
+        scorer.close()
+    best_single = max(range(len(pool)), key=lambda i: singles[i].mean_iou)
+    names = _write_prompts(to, [keys[pool[i]] for i in chosen], images[chosen], labels[chosen], options)
+    selection = Selection(
+        names=names, steps=steps, classes=list(classes), to=to,
+        best_single={"key": str(keys[pool[best_single]]), **_scores(singles[best_single])},
+        random={"draws": random_draws, **_mean_scores(random)},
+        counts={"training": len(train), "validation": int(validation.sum()), "candidates": len(pool),
+                "skipped": skipped},
+    )
+    report = {"pool": pool_uri, "checkpoint": checkpoint, "classes": list(classes), "k": k, "seed": seed,
+              "val_fraction": val_fraction, "embedding": embedding, "chosen": names, "steps": steps,
+              "best_single": selection.best_single, "random": selection.random, "counts": selection.counts}
+    fs, root = fsspec.core.url_to_fs(to, **options)
+    fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
+    return selection
+
+
+def _index(blocks: list[ray.ObjectRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Of the usable rows: keys, (block, row) where each is, validation and present; and the unusable rows' count."""
+    parts = ray.get([_block_index.remote(block) for block in blocks])
+    where = np.concatenate([np.stack([np.full(len(rows), b), rows], axis=1) for b, (rows, *_) in enumerate(parts)])
+    keys, validation, present = (np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
+    return keys, where, validation, present, sum(part[4] for part in parts)
+
+
+@ray.remote(num_cpus=0.25)
+def _block_index(block: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    usable = np.flatnonzero(block["error"] == "")
+    return (usable, block["key"][usable], block["validation"][usable], block["present"][usable],
+            len(block["key"]) - len(usable))
+
+
+def _fetch(blocks: list[ray.ObjectRef], where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images and label maps at `where` ((block, row) pairs), fetching only the blocks that hold them."""
+    held = {b: ray.get(blocks[b]) for b in sorted(set(where[:, 0].tolist()))}
+    return (np.stack([held[b]["image"][r] for b, r in where.tolist()]),
+            np.stack([held[b]["labels"][r] for b, r in where.tolist()]))
+
+
+def _candidates(train: np.ndarray, present: np.ndarray, classes: tuple[str, ...], count: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """Indices of the candidates: `count` training images drawn at random, plus for each class none of them shows
+    the first other image (in the same random order) that shows it."""
+    order = rng.permutation(train)
+    chosen = list(order[:count])
+    for c, name in enumerate(classes, start=1):
+        if not present[chosen, c].any():
+            showing = next((i for i in order[count:] if present[i, c]), None)
+            if showing is None:
+                raise SelectionError(f"class {name!r} shows in no image of the pool's training part")
+            chosen.append(showing)
+    return np.array(chosen)
+
+
+def _can_cover(covered: frozenset, slots: int, shows: list[frozenset], need: frozenset) -> bool:
+    """Whether `slots` more candidates can complete `covered` to `need`."""
+    reachable = {covered & need}
+    for _ in range(slots):
+        reachable |= {state | (show & need) for state in reachable for show in set(shows)}
+    return need in reachable
+
+
+def _scores(evaluation: Evaluation) -> dict[str, Any]:
+    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:]))}
+
+
+def _mean_scores(evaluations: list[Evaluation]) -> dict[str, Any]:
+    names = evaluations[0].classes[1:]
+    per_class = {name: [e.iou[c] for e in evaluations if e.iou[c] is not None] for c, name in enumerate(names, 1)}
+    return {"mean_iou": float(np.mean([e.mean_iou for e in evaluations])),
+            "draws_mean_iou": [e.mean_iou for e in evaluations],
+            "iou": {name: float(np.mean(values)) if values else None for name, values in per_class.items()}}
+
+
+def _write_prompts(to: str, keys: list[str], images: np.ndarray, labels: np.ndarray,
+                   storage_options: dict[str, Any]) -> list[str]:
+    """Write `NAME.png` and `NAME.mask.png` per prompt under `to`; returns the names (step, then the key's stem)."""
+    fs, root = fsspec.core.url_to_fs(to, **storage_options)
+    fs.makedirs(root, exist_ok=True)
+    names = []
+    for step, (key, image, label) in enumerate(zip(keys, images, labels), start=1):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", posixpath.splitext(key)[0]).strip("._") or "prompt"
+        name = f"{step}-{stem[:100]}"
+        for suffix, array in ((".png", image), (".mask.png", label)):
+            data = io.BytesIO()
+            Image.fromarray(array).save(data, format="PNG")
+            fs.pipe_file(f"{root}/{name}{suffix}", data.getvalue())
+        names.append(name)
+    return names

@@ -1,0 +1,224 @@
+"""`tune`: in-context tuning on Ray Train. The model stays frozen; only a prompt pair is learnt.
+
+The prompt (an image and a mask tensor at the model's input size, normalised) starts from a chosen prompt of a
+prompt set and is optimised with Adam on the training objective (the model's smooth-L1 on the painted target half),
+over the training part of a labelled pool (`pipeline.scoring.split_rows`: the validation part is held out, the same
+keys as `select-prompts` holds out with the same seed and fraction). Targets are painted with the job's class
+palette, so the prompt learns the colours the labelling job reads back. Gradients meet through DDP when there are
+several workers; bfloat16 autocast on GPU.
+
+Rank 0 writes `checkpoint-<step>/prompt.safetensors` and `trainer.pt` under `output.uri` (a run resumes from the
+latest), and `train_log.jsonl`. At the end the tuned prompt is `output.uri/tuned.safetensors`, a file `prompts.uri`
+takes alone or in a prompt folder; the starting and the tuned prompt are scored on both parts (through the model,
+as the job labels) and the scores written to `output.uri/tune_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from model import check_checkpoint, load_model
+from model.processing import build_palette, normalize
+from pipeline.config import ConfigError, TuneConfig, load_tune_config
+from pipeline.evaluate import Evaluation
+from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
+from pipeline.prompts import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
+from pipeline.scoring import PromptScorer, split_rows
+from pipeline.train import latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+
+PROMPT_FILE = "prompt.safetensors"
+TUNED_FILE = "tuned.safetensors"
+REPORT_FILE = "tune_report.json"
+
+
+@dataclass
+class TuneSummary:
+    steps: int
+    first_step: int  # where this run started (0, or the step it resumed)
+    loss: float  # mean over the last logged interval
+    scores: dict[str, dict[str, float]]  # {"training" | "validation": {"before": mIoU, "after": mIoU}}
+    seconds: float
+    tuned: str  # the tuned prompt file
+
+    def __str__(self) -> str:
+        lines = [f"tuned steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s",
+                 f"{'mean IoU':<12}{'before':>8}{'after':>8}"]
+        lines += [f"{part:<12}{s['before']:>8.3f}{s['after']:>8.3f}" for part, s in self.scores.items()]
+        return "\n".join([*lines, f"tuned prompt: {self.tuned} (prompts.uri, alone or in a prompt folder)"])
+
+
+class LearnablePrompt(nn.Module):
+    """A prompt pair as parameters: image and mask, (3, H, W) each, normalised."""
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray) -> None:
+        super().__init__()
+        self.image = nn.Parameter(torch.from_numpy(np.array(image, np.float32)))
+        self.mask = nn.Parameter(torch.from_numpy(np.array(mask, np.float32)))
+
+    def forward(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair for `rows` targets: (rows, 3, H, W) each, views of the parameters."""
+        return self.image.expand(rows, -1, -1, -1), self.mask.expand(rows, -1, -1, -1)
+
+
+def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = (), *,
+         log: Callable[[str], None] = print) -> TuneSummary:
+    """Check the config, model, starting prompt and pool (before any Ray work), then tune on Ray Train."""
+    if not isinstance(config, TuneConfig):
+        config = load_tune_config(config, overrides)
+    options, data, chosen = config.storage_options, config.data, config.prompt
+    if not 0 < data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: expected a number between 0 and 1, got {data.val_fraction}")
+    size = check_checkpoint(config.model.checkpoint, storage_options=options).input_size
+    prompt_set = load_prompt_set(chosen.uri, classes=chosen.classes, mask_format=chosen.mask_format,
+                                 embedding=chosen.embedding, size=size, storage_options=options)
+    name = chosen.name or prompt_set.names[0]
+    if name not in prompt_set.names:
+        raise PromptSetError(f"prompt.name: {name!r} is not in {chosen.uri} (it has {list(prompt_set.names)})")
+    images, masks = prompt_set.tensors()
+    start = (images[prompt_set.names.index(name)].numpy(), masks[prompt_set.names.index(name)].numpy())
+    source = LabelledSource(data.uri, data.format, data.image_column, data.mask_column, data.mask_field)
+    items = labelled_pairs(source, options, len(chosen.classes))
+    resume = latest_checkpoint(config.output.uri, options)
+    if resume is not None:
+        log(f"resuming from {resume[0]} (step {resume[1]})")
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    rows = split_rows(read_labelled(items, source, options, size, len(chosen.classes)), data.val_fraction, data.seed,
+                      len(chosen.classes) + 1).materialize()
+    train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5)
+    gpus = config.compute.gpus_per_worker
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
+    trainer = TorchTrainer(
+        _tune_loop,
+        datasets={"train": train_rows},
+        train_loop_config={"config": config.to_dict(redact=False), "start": start, "started_from": f"{chosen.uri}#{name}",
+                           "resume": None if resume is None else list(resume)},
+        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.compute.cpus_per_worker,
+                                                           **({"GPU": 1.0} if use_gpu else {})}),
+    )
+    started = time.monotonic()
+    trainer.fit()
+    final = f"{latest_checkpoint(config.output.uri, options)[0]}/{PROMPT_FILE}"
+    data = _read(final, options)
+    tuned = read_tuned_prompt(data, final, classes=chosen.classes, embedding=chosen.embedding, size=size)
+    fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
+    fs.pipe_file(f"{root}/{TUNED_FILE}", data)
+
+    log("tune: scoring the starting and the tuned prompt on both parts of the pool")
+    scorer = PromptScorer(config.model.checkpoint, (np.stack([start[0], tuned[0]]), np.stack([start[1], tuned[1]])),
+                          classes=chosen.classes, embedding=chosen.embedding, storage_options=options)
+    try:
+        blocks = rows.to_numpy_refs()
+        parts = {part: scorer.score(blocks, [[0], [1]], validation=part == "validation")
+                 for part in ("training", "validation")}
+    finally:
+        scorer.close()
+    records = [r for r in read_log(config.output.uri, options) if r["step"] > (0 if resume is None else resume[1])]
+    report = {"prompt": {"uri": chosen.uri, "name": name}, "steps": config.train.steps,
+              **{part: {"before": _scores(before), "after": _scores(after)} for part, (before, after) in parts.items()}}
+    fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
+    return TuneSummary(
+        steps=config.train.steps, first_step=0 if resume is None else resume[1],
+        loss=records[-1]["loss"] if records else float("nan"),
+        scores={part: {"before": before.mean_iou, "after": after.mean_iou} for part, (before, after) in parts.items()},
+        seconds=time.monotonic() - started, tuned=f"{config.output.uri.rstrip('/')}/{TUNED_FILE}",
+    )
+
+
+def _scores(evaluation: Evaluation) -> dict[str, Any]:
+    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])),
+            "images": evaluation.compared}
+
+
+def _tune_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker."""
+    config = load_tune_config(loop_config["config"])
+    options, loop, chosen = config.storage_options, config.train, config.prompt
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    resume = loop_config["resume"]
+
+    model = load_model(config.model.checkpoint, device=device, storage_options=options).eval().requires_grad_(False)
+    start, first_step, records = loop_config["start"], 0, []
+    if resume is not None:
+        start = read_tuned_prompt(_read(f"{resume[0]}/{PROMPT_FILE}", options), resume[0], classes=chosen.classes,
+                                  embedding=chosen.embedding, size=model.config.input_size)
+    plain_prompt = LearnablePrompt(*start)
+    prompt = ray.train.torch.prepare_model(plain_prompt)
+    optimizer = torch.optim.Adam(prompt.parameters(), lr=loop.lr)
+    if resume is not None:
+        state = read_trainer_state(resume[0], options)
+        optimizer.load_state_dict(state["optimizer"])
+        first_step, records = state["step"], state["records"]
+
+    palette = torch.from_numpy(build_palette(len(chosen.classes)))
+    shard = ray.train.get_dataset_shard("train")
+    losses: list[float] = []
+    started = interval_start = time.monotonic()
+    for step, (images, labels) in zip(range(first_step, loop.steps), _target_batches(shard, loop.batch_size)):
+        targets = normalize(torch.from_numpy(images).to(device))
+        painted = normalize(palette[torch.from_numpy(labels).long()].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(targets, *prompt(len(targets)), labels=painted, embedding_type=chosen.embedding).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+
+        done = step + 1
+        if done % loop.log_every == 0 or done == loop.steps:
+            metrics = {"step": done, "loss": float(np.mean(losses)),
+                       "samples_per_second": len(losses) * loop.batch_size * world / (time.monotonic() - interval_start),
+                       "seconds": time.monotonic() - started}
+            records.append(metrics)
+            if rank == 0:
+                print(f"tune step {done}/{loop.steps}  loss {metrics['loss']:.4f}  "
+                      f"{metrics['samples_per_second']:.1f} samples/s", flush=True)
+            ray.train.report(metrics)
+            losses, interval_start = [], time.monotonic()
+        if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
+            data = tuned_prompt_bytes(plain_prompt.image, plain_prompt.mask, classes=chosen.classes,
+                                      embedding=chosen.embedding, started_from=loop_config["started_from"],
+                                      model=config.model.checkpoint, step=done)
+            write_checkpoint(config.output.uri, options, done, lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options),
+                             optimizer, records)
+
+
+def _read(uri: str, storage_options: dict[str, Any]) -> bytes:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return fs.cat_file(path)
+
+
+def _write(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def _target_batches(shard: Any, batch_size: int):
+    """Endless (images uint8 (B, H, W, 3), label maps (B, H, W)) batches of a worker's share of the training rows."""
+    while True:
+        seen = 0
+        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                       local_shuffle_buffer_size=4 * batch_size):
+            seen += len(rows["key"])
+            yield rows["image"], rows["labels"]
+        if seen == 0:
+            raise ValueError(f"no training images in this worker's share of the pool (batches of {batch_size})")
