@@ -30,7 +30,7 @@ from model.processing import decode_png, masks_to_class_ids, normalize, prepare_
 from pipeline.export import export
 from pipeline.job import autolabel
 from pipeline.review import review
-from pipeline.prompts import load_prompt_set
+from pipeline.prompts import load_prompt_set, tuned_prompt_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=[64, 32], patch_size=8,
@@ -341,6 +341,12 @@ def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     (mismatched / "model.safetensors").write_bytes((assets / "checkpoint" / "model.safetensors").read_bytes())
     (mismatched / "config.json").write_text(json.dumps({**TINY, "hidden_size": 64}))
     cases["checkpoint"] = ({**good, "model": {"checkpoint": str(mismatched)}}, "mis-shaped")
+    size = SegGptConfig(**TINY).input_size
+    for name, shape, classes in (("small.safetensors", (3, size[0] // 2, size[1]), CLASSES),
+                                 ("other-classes.safetensors", (3, *size), ["disc", "star"])):
+        (tmp_path / name).write_bytes(tuned_prompt_bytes(torch.zeros(shape), torch.zeros(shape), classes=classes,
+                                                         embedding="semantic"))
+        cases[name] = ({**good, "prompts": {"uri": str(tmp_path / name), "classes": CLASSES}}, name)
     paths = []
     for name, (config, _) in cases.items():
         paths.append(tmp_path / f"{name}.yaml")

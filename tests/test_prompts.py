@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import ExifTags, Image, ImageOps
+from safetensors.torch import save as safetensors_bytes
 
 from model.processing import build_palette, encode_png, prepare_image, prepare_mask
-from pipeline.prompts import PromptSet, PromptSetError, load_prompt_set
+from pipeline.prompts import PromptSet, PromptSetError, load_prompt_set, tuned_prompt_bytes
 
 CLASSES = ("cat", "dog", "car")
 N = len(CLASSES)
@@ -456,3 +458,70 @@ def test_manifest_entry_file_missing(tmp_path):
 
 def test_prompt_set_error_is_a_value_error():
     assert issubclass(PromptSetError, ValueError)
+
+
+# ----------------------------------------------------------------------------- tuned prompt files
+
+
+def _tuned(path: Path, seed: int, size=SIZE, classes=CLASSES, embedding="semantic") -> tuple[np.ndarray, np.ndarray]:
+    """Writes a tuned prompt file of random tensors; returns them."""
+    rng = np.random.default_rng(seed)
+    image, mask = (rng.normal(0, 1, (3, *size)).astype(np.float32) for _ in range(2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tuned_prompt_bytes(torch.from_numpy(image), torch.from_numpy(mask), classes=classes,
+                                        embedding=embedding, step=7))
+    return image, mask
+
+
+def test_tuned_prompt_file_alone_in_a_folder_and_in_a_manifest(tmp_path):
+    image, mask = _tuned(tmp_path / "solo" / "tuned.safetensors", seed=1)
+    alone = _load(tmp_path / "solo" / "tuned.safetensors")
+    assert alone.names == ("tuned",) and alone.kinds == ("tuned",) and len(alone.images) == 0
+    images, masks = alone.tensors()
+    np.testing.assert_array_equal(images[0].numpy(), image)  # the file's tensors, bit for bit
+    np.testing.assert_array_equal(masks[0].numpy(), mask)
+
+    a = _prompt(tmp_path / "mixed", "a", seed=2)
+    other_image, other_mask = _tuned(tmp_path / "mixed" / "z-tuned.safetensors", seed=3)
+    mixed = _load(tmp_path / "mixed")
+    assert mixed.names == ("a", "z-tuned") and mixed.kinds == ("pair", "tuned")
+    images, masks = mixed.tensors()
+    assert images.shape == masks.shape == (2, 3, *SIZE) and images.dtype == torch.float32
+    np.testing.assert_array_equal(images[1].numpy(), other_image)
+    np.testing.assert_array_equal(masks[1].numpy(), other_mask)
+    # the pair as the model takes it: (x / 255 - mean) / std of the prepared image, channels first
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    expected = ((_expected_image(a[0]).astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(images[0].numpy(), expected, atol=1e-6)
+
+    manifest = tmp_path / "mixed" / "prompts.yaml"
+    manifest.write_text(yaml.safe_dump([{"tuned": "z-tuned.safetensors"}, {"image": "a.jpg", "mask": "a.png"}]))
+    listed = _load(manifest)
+    assert listed.names == ("a", "z-tuned") and listed.kinds == ("pair", "tuned")
+    assert listed.fingerprint == mixed.fingerprint
+    _tuned(tmp_path / "mixed" / "z-tuned.safetensors", seed=4)
+    assert _load(manifest).fingerprint != listed.fingerprint  # the file's bytes count
+
+
+@pytest.mark.parametrize("case, message", [
+    ("size", r"bad\.safetensors: image is 3x12x8, the model takes 3x24x16"),
+    ("classes", r"bad\.safetensors: tuned for classes \['cat', 'dog'\], prompts.classes is \['cat', 'dog', 'car'\]"),
+    ("embedding", r"bad\.safetensors: tuned with embedding 'instance', prompts.embedding is 'semantic'"),
+    ("garbage", r"bad\.safetensors: not a tuned prompt file"),
+    ("model weights", r"bad\.safetensors: not a tuned prompt file: expected tensors 'image' and 'mask'"),
+])
+def test_bad_tuned_prompt_files_are_refused_naming_the_file(tmp_path, case, message):
+    path = tmp_path / "prompts" / "bad.safetensors"
+    _prompt(tmp_path / "prompts", "good", seed=5)
+    if case == "size":
+        _tuned(path, 0, size=(12, 8))
+    elif case == "classes":
+        _tuned(path, 0, classes=("cat", "dog"))
+    elif case == "embedding":
+        _tuned(path, 0, embedding="instance")
+    elif case == "garbage":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    else:
+        path.write_bytes(safetensors_bytes({"pos_embed": torch.zeros(3, *SIZE)}))
+    with pytest.raises(PromptSetError, match=message):
+        _load(tmp_path / "prompts")
