@@ -1,5 +1,5 @@
 """Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark
-model|pipeline|scale|cpu-stages|plan|heldout|export`.
+model|pipeline|scale|cpu-stages|plan|heldout|prompts|export`.
 
 Each prints a short table and, as its last line, a JSON record (also written to `--json PATH`).
 
@@ -21,6 +21,10 @@ PNG, counts) per image on one core at several image sizes, and says how many cor
 
 `heldout` runs the whole labelling job with a checkpoint (default: the demo's bundled model) on held-out synthetic
 tasks and scores it with `evaluate`.
+
+`prompts` makes labelled synthetic pools (one task each, every class shown with probability `--presence`), runs
+`select-prompts` on each and then `tune` from the best single prompt, and reports validation mean IoU: the chosen
+set, the best single prompt and random sets; the tuned prompt before and after on both parts of the pool.
 
 `plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
 N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
@@ -886,6 +890,52 @@ def benchmark_heldout(args: argparse.Namespace) -> None:
           f"(min {np.min(scores):.3f}, max {np.max(scores):.3f}); checkpoint {args.checkpoint}")
 
 
+def benchmark_prompts(args: argparse.Namespace) -> None:
+    """select-prompts and tune on held-out synthetic pools: validation mean IoU of each choice."""
+    import ray
+
+    from pipeline.select import select_prompts
+    from pipeline.synthetic import random_task, render
+    from pipeline.tune import tune
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(args.first_seed, args.first_seed + args.pools):
+            pool = Path(folder) / f"pool{seed}"
+            pool.mkdir()
+            rng = np.random.default_rng(seed)
+            task = random_task(rng, args.classes)
+            for i in range(args.images):
+                image, labels = render(task, rng, (64, 64), presence=args.presence)
+                Image.fromarray(image).save(pool / f"img{i:04d}.png")
+                Image.fromarray(labels).save(pool / f"img{i:04d}.mask.png")
+            classes = tuple(f"class{c}" for c in range(1, args.classes + 1))
+            chosen = select_prompts(str(pool), checkpoint=args.checkpoint, classes=classes, k=args.k,
+                                    to=str(Path(folder) / f"chosen{seed}"), candidates=args.candidates, seed=seed,
+                                    val_fraction=args.val_fraction, log=lambda line: None)
+            start = chosen.best_single["key"].removesuffix(".png")
+            tuned = tune({"model": {"checkpoint": args.checkpoint},
+                          "prompt": {"uri": str(pool), "name": start, "classes": list(classes)},
+                          "data": {"uri": str(pool), "val_fraction": args.val_fraction, "seed": seed},
+                          "train": {"steps": args.steps, "lr": args.lr, "log_every": 50, "checkpoint_every": 100},
+                          "output": {"uri": str(Path(folder) / f"tuned{seed}")},
+                          "compute": {"cpus_per_worker": os.cpu_count()}}, log=lambda line: None)
+            record = {"seed": seed, "chosen": chosen.steps[-1]["mean_iou"],
+                      "best_single": chosen.best_single["mean_iou"], "random": chosen.random["mean_iou"],
+                      **{f"tuned_{part}_{when}": value for part, scores in tuned.scores.items()
+                         for when, value in scores.items()}}
+            records.append(record)
+            print(f"pool seed {seed}: chosen {args.k}-set {record['chosen']:.3f}, best single "
+                  f"{record['best_single']:.3f}, random {args.k}-sets {record['random']:.3f}; tuned from the best "
+                  f"single: training "
+                  f"{record['tuned_training_before']:.3f} -> {record['tuned_training_after']:.3f}, validation "
+                  f"{record['tuned_validation_before']:.3f} -> {record['tuned_validation_after']:.3f}", flush=True)
+    means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key != "seed"}
+    print("mean over pools: " + ", ".join(f"{key} {value:.3f}" for key, value in means.items()))
+    print(json.dumps({"what": "prompts", "args": vars(args), "pools": records, "mean": means}))
+
+
 def _export_output(folder: Path, rows: int, side: int) -> str:
     """A job output of `rows` ok rows, each a `side`-square class map of four random rectangles and discs."""
     from model.processing import build_palette, encode_png
@@ -991,6 +1041,18 @@ def main(argv: list[str] | None = None) -> None:
     heldout.add_argument("--tasks", type=int, default=10)
     heldout.add_argument("--images", type=int, default=8)
     heldout.add_argument("--first-seed", type=int, default=1000)
+    prompts = sub.add_parser("prompts", help="select-prompts and tune on held-out synthetic pools: validation mIoU")
+    prompts.add_argument("--checkpoint", default=str(Path(__file__).parent / "demo" / "checkpoint"))
+    prompts.add_argument("--pools", type=int, default=3)
+    prompts.add_argument("--images", type=int, default=120, help="images per pool")
+    prompts.add_argument("--classes", type=int, default=3)
+    prompts.add_argument("--presence", type=float, default=0.4, help="the chance that an image shows a class")
+    prompts.add_argument("--k", type=int, default=3)
+    prompts.add_argument("--candidates", type=int, default=16)
+    prompts.add_argument("--val-fraction", type=float, default=0.3)
+    prompts.add_argument("--steps", type=int, default=200, help="tuning steps of 8 images")
+    prompts.add_argument("--lr", type=float, default=0.01)
+    prompts.add_argument("--first-seed", type=int, default=2000)
     exporting = sub.add_parser("export", help="export at several sizes: time and peak memory per format")
     exporting.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
     exporting.add_argument("--side", type=int, default=256, help="class maps of side x side pixels")
@@ -999,7 +1061,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale,
      "cpu-stages": benchmark_cpu_stages, "plan": benchmark_plan,
-     "heldout": benchmark_heldout, "export": benchmark_export}[args.what](args)
+     "heldout": benchmark_heldout, "prompts": benchmark_prompts, "export": benchmark_export}[args.what](args)
 
 
 if __name__ == "__main__":

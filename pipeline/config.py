@@ -415,7 +415,8 @@ class TuneModelConfig:
 class TunePromptConfig:
     uri: str = _option(_location)  # a prompt folder, manifest or tuned prompt file, as prompts.uri takes
     classes: tuple[str, ...] = _option(_class_names)
-    name: str | None = _option(lambda key, value: None if value is None else _string(key, value), None)  # default: first
+    # which prompt of it to start from; default: the first
+    name: str | None = _option(lambda key, value: None if value is None else _string(key, value), None)
     mask_format: str = _option(_choice("labels", "rgb"), "labels")
     embedding: str = _option(_choice("semantic", "instance"), "semantic")
 

@@ -1,12 +1,12 @@
-"""Prompt sets scored on labelled images through the model, on Ray Data: what `select-prompts` and `tune` measure.
+"""Prompt sets scored on labelled images through the model, on Ray: what `select-prompts` and `tune` measure.
 
 A labelled pool (`pipeline.labelled`) is split by a hash of each key and a seed, so a key lands on the same side in
-every run and in both commands; its rows are kept in Ray's object store as blocks, and long-lived actors that hold
-the model score one block per call, so that the many passes of a greedy choice load the model once. A *prompt set* is a list of indices into an array of prompts (normalised (P, 3, H, W)
-image and mask tensors); each image is labelled with the whole set as one feature-ensembled group, as the labelling
-job does (`model.predict` with `num_prompts`), and compared with its label map at the model's input size. The result
-is per-class intersection and union pixel counts, summed over the images (`pipeline.evaluate.Evaluation` turns
-them into IoU and mean IoU).
+every run and in both commands; its rows stay in Ray's object store as blocks, and long-lived actors that hold the
+model score one block per call, so that the many passes of a greedy choice load the model once. A *prompt set* is a
+list of indices into an array of prompts (normalised (P, 3, H, W) image and mask tensors); each image is labelled
+with the whole set as one feature-ensembled group, as the labelling job does (`model.predict` with `num_prompts`),
+and compared with its label map at the model's input size. The result is per-class intersection and union pixel
+counts, summed over the images (`pipeline.evaluate.Evaluation` turns them into IoU and mean IoU).
 """
 
 from __future__ import annotations

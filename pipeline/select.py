@@ -153,11 +153,13 @@ def select_prompts(
 
 
 def _index(blocks: list[ray.ObjectRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Of the usable rows: keys, (block, row) where each is, validation and present; and the unusable rows' count."""
+    """Of the usable rows, in key order (blocks come in no fixed order): keys, (block, row) where each is, validation
+    and present; and the unusable rows' count."""
     parts = ray.get([_block_index.remote(block) for block in blocks])
     where = np.concatenate([np.stack([np.full(len(rows), b), rows], axis=1) for b, (rows, *_) in enumerate(parts)])
     keys, validation, present = (np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
-    return keys, where, validation, present, sum(part[4] for part in parts)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], where[order], validation[order], present[order], sum(part[4] for part in parts)
 
 
 @ray.remote(num_cpus=0.25)

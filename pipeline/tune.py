@@ -106,8 +106,8 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
     trainer = TorchTrainer(
         _tune_loop,
         datasets={"train": train_rows},
-        train_loop_config={"config": config.to_dict(redact=False), "start": start, "started_from": f"{chosen.uri}#{name}",
-                           "resume": None if resume is None else list(resume)},
+        train_loop_config={"config": config.to_dict(redact=False), "start": start,
+                           "started_from": f"{chosen.uri}#{name}", "resume": None if resume is None else list(resume)},
         scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.compute.cpus_per_worker,
                                                            **({"GPU": 1.0} if use_gpu else {})}),
@@ -184,8 +184,9 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
 
         done = step + 1
         if done % loop.log_every == 0 or done == loop.steps:
+            elapsed = time.monotonic() - interval_start
             metrics = {"step": done, "loss": float(np.mean(losses)),
-                       "samples_per_second": len(losses) * loop.batch_size * world / (time.monotonic() - interval_start),
+                       "samples_per_second": len(losses) * loop.batch_size * world / elapsed,
                        "seconds": time.monotonic() - started}
             records.append(metrics)
             if rank == 0:
@@ -197,8 +198,8 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
             data = tuned_prompt_bytes(plain_prompt.image, plain_prompt.mask, classes=chosen.classes,
                                       embedding=chosen.embedding, started_from=loop_config["started_from"],
                                       model=config.model.checkpoint, step=done)
-            write_checkpoint(config.output.uri, options, done, lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options),
-                             optimizer, records)
+            write_checkpoint(config.output.uri, options, done,
+                             lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options), optimizer, records)
 
 
 def _read(uri: str, storage_options: dict[str, Any]) -> bytes:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import _SECTIONS, ConfigError, JobConfig, load_config
+from pipeline.config import _SECTIONS, _TUNE_SECTIONS, ConfigError, JobConfig, load_config, load_tune_config
+from pipeline.tune import tune
 
 MINIMAL = {
     "input": {"uri": "s3://data/images/"},
@@ -204,3 +205,18 @@ def test_remote_uris_are_kept_and_local_ones_made_absolute():
                           "output": {"uri": "gs://bucket/out"}})
     assert config.input.uris == ("s3://bucket/a/", "/data/b", os.path.expanduser("~/c"))
     assert config.output.uri == "gs://bucket/out"
+
+
+def test_tune_config_of_the_docs_shows_every_key_and_bad_ones_are_refused():
+    example = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tune.yaml"
+    config = load_tune_config(example)
+    assert config.prompt.classes == ("road", "car", "person") and config.data.val_fraction == 0.25
+    raw = yaml.safe_load(example.read_text())
+    for name, section in _TUNE_SECTIONS.items():
+        assert sorted(raw[name]) == sorted(field.name for field in dataclasses.fields(section)), name
+    with pytest.raises(ConfigError, match=r"^prompt.classes: missing required key"):
+        load_tune_config({**raw, "prompt": {"uri": "s3://b/p"}})
+    with pytest.raises(ConfigError, match=r"^train.lr: expected a number, got 'fast'"):
+        load_tune_config(example, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"^data.val_fraction: expected a number between 0 and 1, got 1.5"):
+        tune(example, ("data.val_fraction=1.5",))  # refused before anything is read

@@ -18,7 +18,8 @@ from safetensors.torch import load as load_safetensors
 
 from jobs.autolabel import main as cli
 from model import load_model
-from model.processing import build_palette, decode_png, masks_to_class_ids, prepare_image, prepare_mask, upsample_class_map
+from model.processing import (build_palette, decode_png, masks_to_class_ids, prepare_image, prepare_mask,
+                              upsample_class_map)
 from pipeline.job import autolabel
 from pipeline.prompts import tuned_prompt_bytes
 from pipeline.synthetic import random_task, render
