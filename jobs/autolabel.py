@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     selecting.add_argument("--candidates", type=int, default=32, metavar="N", help="training images to choose from")
     selecting.add_argument("--random-draws", type=int, default=5, metavar="N", help="random K-sets to compare with")
     selecting.add_argument("--seed", type=int, default=0)
+    selecting.add_argument("--actors", type=int, default=1, help="scoring actors (each takes a GPU where there are)")
     selecting.add_argument("--format", default="auto", choices=("auto", "images", "webdataset", "parquet"))
     selecting.add_argument("--embedding", default="semantic", choices=("semantic", "instance"))
     selecting.add_argument("--to", default="selected-prompts", metavar="URI",
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(select_prompts(args.pool, checkpoint=args.checkpoint, classes=args.classes, k=args.k, to=args.to,
                                  val_fraction=args.val_fraction, candidates=args.candidates,
                                  random_draws=args.random_draws, seed=args.seed, format=args.format,
-                                 embedding=args.embedding, storage_options=args.storage_options))
+                                 embedding=args.embedding, actors=args.actors, storage_options=args.storage_options))
         elif args.command == "tune":
             print(tune(args.config, tuple(args.overrides)))
         elif args.dry_run:

@@ -140,6 +140,14 @@ def _option(check: Callable[[str, Any], Any], default: Any = _REQUIRED) -> Any:
 # --- sections ---------------------------------------------------------------------------------
 
 
+class _Dumpable:
+    """A whole config (job, training or tuning)."""
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
+        return _as_dict(self, redact)
+
+
 @dataclass(frozen=True)
 class InputConfig:
     uri: str | tuple[str, ...] = _option(_locations)
@@ -200,7 +208,7 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
-class JobConfig:
+class JobConfig(_Dumpable):
     input: InputConfig
     prompts: PromptsConfig
     model: ModelConfig
@@ -208,10 +216,6 @@ class JobConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
-        return _as_dict(self, redact)
 
 
 _SECTIONS: dict[str, type] = {
@@ -375,17 +379,13 @@ class TrainComputeConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Dumpable):
     model: TrainModelConfig
     output: TrainOutputConfig
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     compute: TrainComputeConfig = field(default_factory=TrainComputeConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
-        return _as_dict(self, redact)
 
 
 _TRAIN_SECTIONS: dict[str, type] = {
@@ -442,7 +442,7 @@ class TuneLoopConfig:
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(_Dumpable):
     model: TuneModelConfig
     prompt: TunePromptConfig
     data: TuneDataConfig
@@ -450,10 +450,6 @@ class TuneConfig:
     train: TuneLoopConfig = field(default_factory=TuneLoopConfig)
     compute: TrainComputeConfig = field(default_factory=TrainComputeConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
-        return _as_dict(self, redact)
 
 
 _TUNE_SECTIONS: dict[str, type] = {

@@ -1,11 +1,11 @@
 """`select-prompts`: choose K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
 
-The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`). Up to
-`candidates` usable images of the training part are the candidates: a random draw, plus for each class the draw
-lacks the first image that shows it. Each step scores every candidate added to the set chosen so far, as one
-feature-ensembled prompt set, on the whole validation part (one Ray Data pass per step, through the model), and
-keeps the one with the highest mean IoU among those after which the remaining steps can still cover every class.
-The report compares each step with the best single candidate and with random sets of K candidates (the mean over
+The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`). The candidates
+are `candidates` usable images of the training part drawn at random, plus for each class the draw lacks the first
+image that shows it. Each step scores every candidate added to the set chosen so far, as one feature-ensembled
+prompt set, on the whole validation part (one pass of the scoring actors over its blocks per step), and keeps the
+one with the highest mean IoU among those after which the remaining steps can still cover every class. The report
+compares each step with the best single candidate and with random sets of K candidates (the mean over
 `random_draws` draws). The chosen prompts are written as a prompt folder (`NAME.png` and `NAME.mask.png` at the
 model's input size: the tensors that were scored) that `prompts.uri` takes, with `report.json` beside them.
 """
@@ -82,7 +82,6 @@ def select_prompts(
     seed: int = 0,
     format: str = "auto",
     embedding: str = "semantic",
-    batch_size: int = 8,
     actors: int = 1,
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,

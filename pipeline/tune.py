@@ -15,6 +15,7 @@ as the job labels) and the scores written to `output.uri/tune_report.json`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -27,7 +28,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import ScalingConfig
+from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
@@ -103,9 +104,12 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
     train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5)
     gpus = config.compute.gpus_per_worker
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with the seeded shuffle of each worker: the same data in the same order each run
     trainer = TorchTrainer(
         _tune_loop,
         datasets={"train": train_rows},
+        dataset_config=DataConfig(execution_options=ingest),
         train_loop_config={"config": config.to_dict(redact=False), "start": start,
                            "started_from": f"{chosen.uri}#{name}", "resume": None if resume is None else list(resume)},
         scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
@@ -172,7 +176,8 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     losses: list[float] = []
     started = interval_start = time.monotonic()
-    for step, (images, labels) in zip(range(first_step, loop.steps), _target_batches(shard, loop.batch_size)):
+    batches = _target_batches(shard, loop.batch_size, seed=config.data.seed * 1_000_003 + rank)
+    for step, (images, labels) in zip(range(first_step, loop.steps), batches):
         targets = normalize(torch.from_numpy(images).to(device))
         painted = normalize(palette[torch.from_numpy(labels).long()].to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -213,12 +218,13 @@ def _write(uri: str, data: bytes, storage_options: dict[str, Any]) -> None:
     fs.pipe_file(path, data)
 
 
-def _target_batches(shard: Any, batch_size: int):
-    """Endless (images uint8 (B, H, W, 3), label maps (B, H, W)) batches of a worker's share of the training rows."""
-    while True:
+def _target_batches(shard: Any, batch_size: int, seed: int):
+    """Endless (images uint8 (B, H, W, 3), label maps (B, H, W)) batches of a worker's share of the training rows,
+    shuffled within a window, differently each pass."""
+    for epoch in itertools.count():
         seen = 0
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                       local_shuffle_buffer_size=4 * batch_size):
+                                       local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
             seen += len(rows["key"])
             yield rows["image"], rows["labels"]
         if seen == 0:

@@ -70,7 +70,7 @@ cluster.shutdown()
 
 
 def test_worker_node_dies_mid_run(tmp_path):
-    count = 130
+    count = 100  # two blocks of loose files (64 each): the node goes while the model works through the first
     config = long_job(tmp_path, count)
     output = tmp_path / "out"
     config_path, script, result_path = tmp_path / "job.json", tmp_path / "cluster.py", tmp_path / "result.json"

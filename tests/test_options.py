@@ -191,16 +191,21 @@ def test_rgb_prompt_masks(assets, dataset, baseline, tmp_path):
         assert rows[key]["mask"] == baseline[1][key]["mask"]
 
 
-def test_no_png_files(assets, dataset, baseline, tmp_path):
-    """`output.png: false`: no masks/ folder and no mask_uri, but every row still carries its mask."""
+def test_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path, ray_session):
+    """`output.png: false`: no masks/ folder and no mask_uri, but every row still carries its mask; with
+    `compute.actors: [1, 2]` over more than one batch: every key once, every mask the model's."""
     output = tmp_path / "out"
-    rows = run_job(assets, str(dataset[0]), output, output={"png": False})
-    assert sorted(rows) == sorted(dataset[1])
+    rows = run_job(assets, str(dataset[0]), output, output={"png": False},
+                   compute={"actors": [1, 2], "batch_size": 2})
+    assert sorted(rows) == sorted(dataset[1])  # rows_by_key checked that no key is there twice
     assert not (output / "masks").exists() and (output / "_SUCCESS").exists()
     assert (baseline[0] / "masks").is_dir()  # the default writes them
     for key, data in dataset[1].items():
         assert rows[key]["mask_uri"] is None and baseline[1][key]["mask_uri"] is not None
         check_row(rows[key], model_map(assets, shown(data)))
+    job = json.loads((output / "_job.json").read_text())
+    assert job["config"]["compute"]["actors"] == [1, 2] and job["config"]["output"]["png"] is False
+    assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
 
 
 def test_custom_image_column_on_parquet(assets, tmp_path, ray_session):
@@ -226,18 +231,6 @@ def test_custom_image_column_on_parquet(assets, tmp_path, ray_session):
     bad = rows["c.parquet"]
     assert bad["status"] == "error" and bad["mask"] is None and "'img'" in bad["error"]
     assert bad["source"] == f"file://{data / 'c.parquet'}"
-
-
-def test_autoscaling_actor_pool(assets, dataset, tmp_path, ray_session):
-    """`compute.actors: [1, 2]` over more than one batch: every key once, every mask the model's."""
-    output = tmp_path / "out"
-    rows = run_job(assets, str(dataset[0]), output, compute={"actors": [1, 2], "batch_size": 2})
-    assert sorted(rows) == sorted(dataset[1])  # rows_by_key checked that no key is there twice
-    for key, data in dataset[1].items():
-        check_row(rows[key], model_map(assets, shown(data)))
-    job = json.loads((output / "_job.json").read_text())
-    assert job["config"]["compute"]["actors"] == [1, 2]
-    assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
 
 
 def test_bfloat16(assets, dataset, baseline, tmp_path):
