@@ -24,7 +24,8 @@ tasks and scores it with `evaluate`.
 
 `prompts` makes labelled synthetic pools (one task each, every class shown with probability `--presence`), runs
 `select-prompts` on each and then `tune` from the best single prompt, and reports validation mean IoU: the chosen
-set, the best single prompt and random sets; the tuned prompt before and after on both parts of the pool.
+set, the best single prompt and random sets; the tuned prompt (the checkpoint best on validation) before and after on
+both parts of the pool.
 
 `plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
 N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
@@ -923,6 +924,7 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
                           "compute": {"cpus_per_worker": os.cpu_count()}}, log=lambda line: None)
             record = {"seed": seed, "chosen": chosen.steps[-1]["mean_iou"],
                       "best_single": chosen.best_single["mean_iou"], "random": chosen.random["mean_iou"],
+                      "tuned_step": tuned.chosen_step,
                       **{f"tuned_{part}_{when}": value for part, scores in tuned.scores.items()
                          for when, value in scores.items()}}
             records.append(record)
@@ -930,8 +932,9 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
                   f"{record['best_single']:.3f}, random {args.k}-sets {record['random']:.3f}; tuned from the best "
                   f"single: training "
                   f"{record['tuned_training_before']:.3f} -> {record['tuned_training_after']:.3f}, validation "
-                  f"{record['tuned_validation_before']:.3f} -> {record['tuned_validation_after']:.3f}", flush=True)
-    means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key != "seed"}
+                  f"{record['tuned_validation_before']:.3f} -> {record['tuned_validation_after']:.3f} (the prompt of "
+                  f"step {tuned.chosen_step})", flush=True)
+    means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key not in ("seed", "tuned_step")}
     print("mean over pools: " + ", ".join(f"{key} {value:.3f}" for key, value in means.items()))
     print(json.dumps({"what": "prompts", "args": vars(args), "pools": records, "mean": means}))
 

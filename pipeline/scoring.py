@@ -46,6 +46,12 @@ def _split(batch: dict[str, np.ndarray], *, fraction: float, seed: int, num_labe
     return batch
 
 
+def scores(evaluation: Evaluation) -> dict[str, Any]:
+    """A set's score as the reports write it: mean IoU, IoU per class (None where it is in neither), images."""
+    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])),
+            "images": evaluation.compared}
+
+
 def prompt_tensors(images: np.ndarray, labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (P, H, W, 3) and label maps (P, H, W) -> normalised float32 (P, 3, H, W) image and mask arrays,
     the mask painted with the class palette (what the labelling job makes of a prompt folder of these)."""

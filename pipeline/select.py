@@ -28,7 +28,7 @@ from model import check_checkpoint
 from pipeline.config import absolute_uri
 from pipeline.evaluate import Evaluation
 from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
-from pipeline.scoring import PromptScorer, prompt_tensors, split_rows
+from pipeline.scoring import PromptScorer, prompt_tensors, scores, split_rows
 
 REPORT_FILE = "report.json"
 
@@ -53,9 +53,9 @@ class Selection:
                  (f"random {len(self.steps)}-sets (mean of {self.random['draws']})", self.random)]
         width = max(len(label) for label, _ in rows) + 2
         lines = [f"{'':<{width}}{'mean IoU':>10}" + "".join(f"{name[:12]:>13}" for name in self.classes)]
-        for label, scores in rows:
-            lines.append(f"{label:<{width}}{scores['mean_iou']:>10.3f}"
-                         + "".join(f"{_cell(scores['iou'].get(name)):>13}" for name in self.classes))
+        for label, row in rows:
+            lines.append(f"{label:<{width}}{row['mean_iou']:>10.3f}"
+                         + "".join(f"{_cell(row['iou'].get(name)):>13}" for name in self.classes))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -126,11 +126,11 @@ def select_prompts(
             if not allowed:
                 raise SelectionError(f"no {k} candidates together show every class {list(classes)}: raise --k or "
                                      f"--candidates")
-            scores = [singles[i] for i in allowed] if step == 0 else scorer.score(
+            evaluations = [singles[i] for i in allowed] if step == 0 else scorer.score(
                 blocks, [chosen + [i] for i in allowed], validation=True)
-            best, evaluation = max(zip(allowed, scores), key=lambda pair: pair[1].mean_iou)
+            best, evaluation = max(zip(allowed, evaluations), key=lambda pair: pair[1].mean_iou)
             chosen.append(best)
-            steps.append({"step": step + 1, "key": str(keys[pool[best]]), **_scores(evaluation)})
+            steps.append({"step": step + 1, "key": str(keys[pool[best]]), **scores(evaluation)})
             log(f"select-prompts: step {step + 1}/{k}: + {keys[pool[best]]}, mean IoU {evaluation.mean_iou:.3f}")
     finally:
         scorer.close()
@@ -138,7 +138,7 @@ def select_prompts(
     names = _write_prompts(to, [keys[pool[i]] for i in chosen], images[chosen], labels[chosen], options)
     selection = Selection(
         names=names, steps=steps, classes=list(classes), to=to,
-        best_single={"key": str(keys[pool[best_single]]), **_scores(singles[best_single])},
+        best_single={"key": str(keys[pool[best_single]]), **scores(singles[best_single])},
         random={"draws": random_draws, **_mean_scores(random)},
         counts={"training": len(train), "validation": int(validation.sum()), "candidates": len(pool),
                 "skipped": skipped},
@@ -196,10 +196,6 @@ def _can_cover(covered: frozenset, slots: int, shows: list[frozenset], need: fro
     for _ in range(slots):
         reachable |= {state | (show & need) for state in reachable for show in set(shows)}
     return need in reachable
-
-
-def _scores(evaluation: Evaluation) -> dict[str, Any]:
-    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:]))}
 
 
 def _mean_scores(evaluations: list[Evaluation]) -> dict[str, Any]:

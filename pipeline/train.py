@@ -63,18 +63,24 @@ def synthetic_batch(seed: int, step: int, rank: int, batch_size: int, size: tupl
     return pair_batch(prompt_images, prompt_labels, images, labels, rng)
 
 
-def latest_checkpoint(output_uri: str, storage_options: dict[str, Any]) -> tuple[str, int] | None:
-    """(URI, step) of the newest complete checkpoint under `output_uri`, or None."""
+def complete_checkpoints(output_uri: str, storage_options: dict[str, Any]) -> list[tuple[str, int]]:
+    """(URI, step) of every complete checkpoint under `output_uri`, oldest first."""
     fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
     fs.invalidate_cache()
     if not fs.exists(root):
-        return None
+        return []
     steps = sorted(
         (int(name.rpartition("-")[2]), name)
         for name in (path.rstrip("/").rpartition("/")[2] for path in fs.ls(root, detail=False))
         if name.startswith("checkpoint-") and fs.exists(f"{root}/{name}/{TRAINER_FILE}")
     )
-    return (fs.unstrip_protocol(f"{root}/{steps[-1][1]}"), steps[-1][0]) if steps else None
+    return [(fs.unstrip_protocol(f"{root}/{name}"), step) for step, name in steps]
+
+
+def latest_checkpoint(output_uri: str, storage_options: dict[str, Any]) -> tuple[str, int] | None:
+    """(URI, step) of the newest complete checkpoint under `output_uri`, or None."""
+    checkpoints = complete_checkpoints(output_uri, storage_options)
+    return checkpoints[-1] if checkpoints else None
 
 
 def train(

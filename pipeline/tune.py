@@ -8,9 +8,11 @@ palette, so the prompt learns the colours the labelling job reads back. Gradient
 several workers; bfloat16 autocast on GPU.
 
 Rank 0 writes `checkpoint-<step>/prompt.safetensors` and `trainer.pt` under `output.uri` (a run resumes from the
-latest), and `train_log.jsonl`. At the end the tuned prompt is `output.uri/tuned.safetensors`, a file `prompts.uri`
-takes alone or in a prompt folder; the starting and the tuned prompt are scored on both parts (through the model,
-as the job labels) and the scores written to `output.uri/tune_report.json`.
+latest), and `train_log.jsonl`. At the end the starting prompt and every checkpoint's are scored on the validation
+part (through the model, as the job labels), and the best (the earliest of equals; the starting prompt when no step
+beat it) becomes `output.uri/tuned.safetensors`, a file `prompts.uri` takes alone or in a prompt folder: the loss is
+not the label, and a prompt can overfit a small pool. The starting and the chosen prompt's scores on both parts, and
+the validation score of every checkpoint, are written to `output.uri/tune_report.json`.
 """
 
 from __future__ import annotations
@@ -35,11 +37,10 @@ from torch import nn
 from model import check_checkpoint, load_model
 from model.processing import build_palette, normalize
 from pipeline.config import ConfigError, TuneConfig, load_tune_config
-from pipeline.evaluate import Evaluation
 from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
 from pipeline.prompts import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
-from pipeline.scoring import PromptScorer, split_rows
-from pipeline.train import latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.scoring import PromptScorer, scores, split_rows
+from pipeline.train import complete_checkpoints, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
 
 PROMPT_FILE = "prompt.safetensors"
 TUNED_FILE = "tuned.safetensors"
@@ -51,12 +52,14 @@ class TuneSummary:
     steps: int
     first_step: int  # where this run started (0, or the step it resumed)
     loss: float  # mean over the last logged interval
+    chosen_step: int  # the checkpoint whose prompt scored best on the validation part (0: the starting prompt)
     scores: dict[str, dict[str, float]]  # {"training" | "validation": {"before": mIoU, "after": mIoU}}
     seconds: float
     tuned: str  # the tuned prompt file
 
     def __str__(self) -> str:
-        lines = [f"tuned steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s",
+        lines = [f"tuned steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s; "
+                 f"best on validation: step {self.chosen_step}",
                  f"{'mean IoU':<12}{'before':>8}{'after':>8}"]
         lines += [f"{part:<12}{s['before']:>8.3f}{s['after']:>8.3f}" for part, s in self.scores.items()]
         return "\n".join([*lines, f"tuned prompt: {self.tuned} (prompts.uri, alone or in a prompt folder)"])
@@ -101,7 +104,8 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
         ray.init(configure_logging=False)
     rows = split_rows(read_labelled(items, source, options, size, len(chosen.classes)), data.val_fraction, data.seed,
                       len(chosen.classes) + 1).materialize()
-    train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5)
+    # materialized, so that feeding the workers takes no CPU that they hold (a worker may take every CPU of a node)
+    train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5).materialize()
     gpus = config.compute.gpus_per_worker
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
     ingest = DataConfig.default_ingest_options()
@@ -118,36 +122,38 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
     )
     started = time.monotonic()
     trainer.fit()
-    final = f"{latest_checkpoint(config.output.uri, options)[0]}/{PROMPT_FILE}"
-    data = _read(final, options)
-    tuned = read_tuned_prompt(data, final, classes=chosen.classes, embedding=chosen.embedding, size=size)
-    fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
-    fs.pipe_file(f"{root}/{TUNED_FILE}", data)
 
-    log("tune: scoring the starting and the tuned prompt on both parts of the pool")
-    scorer = PromptScorer(config.model.checkpoint, (np.stack([start[0], tuned[0]]), np.stack([start[1], tuned[1]])),
-                          classes=chosen.classes, embedding=chosen.embedding, storage_options=options)
+    log("tune: scoring the starting prompt and every checkpoint's on the validation part")
+    steps, tuned = _checkpoint_prompts(config.output.uri, options, chosen.classes, chosen.embedding, size)
+    candidates = (np.stack([start[0], *(image for image, _ in tuned)]),
+                  np.stack([start[1], *(mask for _, mask in tuned)]))
+    scorer = PromptScorer(config.model.checkpoint, candidates, classes=chosen.classes, embedding=chosen.embedding,
+                          storage_options=options)
     try:
         blocks = rows.to_numpy_refs()
-        parts = {part: scorer.score(blocks, [[0], [1]], validation=part == "validation")
-                 for part in ("training", "validation")}
+        curve = scorer.score(blocks, [[i] for i in range(len(candidates[0]))], validation=True)
+        best = int(np.argmax([evaluation.mean_iou for evaluation in curve]))  # the first of equals: the earliest
+        parts = {"training": scorer.score(blocks, [[0], [best]], validation=False),
+                 "validation": [curve[0], curve[best]]}
     finally:
         scorer.close()
+    chosen_step = ([0] + steps)[best]
+    data = tuned_prompt_bytes(torch.from_numpy(candidates[0][best]), torch.from_numpy(candidates[1][best]),
+                              classes=chosen.classes, embedding=chosen.embedding, started_from=f"{chosen.uri}#{name}",
+                              model=config.model.checkpoint, step=chosen_step)
+    fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
+    fs.pipe_file(f"{root}/{TUNED_FILE}", data)
     records = [r for r in read_log(config.output.uri, options) if r["step"] > (0 if resume is None else resume[1])]
-    report = {"prompt": {"uri": chosen.uri, "name": name}, "steps": config.train.steps,
-              **{part: {"before": _scores(before), "after": _scores(after)} for part, (before, after) in parts.items()}}
+    report = {"prompt": {"uri": chosen.uri, "name": name}, "steps": config.train.steps, "chosen_step": chosen_step,
+              "validation_by_step": {step: e.mean_iou for step, e in zip([0] + steps, curve)},
+              **{part: {"before": scores(before), "after": scores(after)} for part, (before, after) in parts.items()}}
     fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
     return TuneSummary(
-        steps=config.train.steps, first_step=0 if resume is None else resume[1],
+        steps=config.train.steps, first_step=0 if resume is None else resume[1], chosen_step=chosen_step,
         loss=records[-1]["loss"] if records else float("nan"),
         scores={part: {"before": before.mean_iou, "after": after.mean_iou} for part, (before, after) in parts.items()},
         seconds=time.monotonic() - started, tuned=f"{config.output.uri.rstrip('/')}/{TUNED_FILE}",
     )
-
-
-def _scores(evaluation: Evaluation) -> dict[str, Any]:
-    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])),
-            "images": evaluation.compared}
 
 
 def _tune_loop(loop_config: dict[str, Any]) -> None:
@@ -205,6 +211,15 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
                                       model=config.model.checkpoint, step=done)
             write_checkpoint(config.output.uri, options, done,
                              lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options), optimizer, records)
+
+
+def _checkpoint_prompts(output_uri: str, storage_options: dict[str, Any], classes: tuple[str, ...], embedding: str,
+                        size: tuple[int, int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+    """The steps of the complete checkpoints under `output_uri`, oldest first, and their prompts."""
+    checkpoints = complete_checkpoints(output_uri, storage_options)
+    prompts = [read_tuned_prompt(_read(f"{uri}/{PROMPT_FILE}", storage_options), f"{uri}/{PROMPT_FILE}",
+                                 classes=classes, embedding=embedding, size=size) for uri, _ in checkpoints]
+    return [step for _, step in checkpoints], prompts
 
 
 def _read(uri: str, storage_options: dict[str, Any]) -> bytes:

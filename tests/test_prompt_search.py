@@ -127,6 +127,9 @@ def test_tune_raises_training_miou_keeps_validation_and_resumes(pool, ray_sessio
     fs = s3fs.S3FileSystem(**options)
     report = json.loads(fs.cat_file("pool/tuned/tune_report.json"))
     training, validation = report["training"], report["validation"]
+    curve = report["validation_by_step"]  # the starting prompt (step 0) and each checkpoint's, on validation
+    assert sorted(curve, key=int) == ["0", "5", "10"] and curve["0"] == validation["before"]["mean_iou"]
+    assert report["chosen_step"] > 0 and curve[str(report["chosen_step"])] == max(curve.values())
     assert training["after"]["mean_iou"] > training["before"]["mean_iou"]
     assert validation["after"]["mean_iou"] >= validation["before"]["mean_iou"]
     assert validation["after"]["images"] == len(_validation_keys(local))
