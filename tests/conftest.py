@@ -45,6 +45,8 @@ def ray_session():
     """Local Ray, started once for the whole test session."""
     import ray
 
+    # Ray Train's controller looks at its workers every 2 s by default: each run would end up to 2 s late.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # address="local": a Ray of its own, never a cluster that something else started on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

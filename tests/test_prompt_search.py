@@ -111,9 +111,13 @@ def test_select_prompts_beats_random_sets_and_the_best_single_prompt(pool, ray_s
 
 def test_tune_raises_training_miou_keeps_validation_and_resumes(pool, ray_session, tmp_path, capsys):
     uri, options, local = pool
+    start_folder = tmp_path / "start"
+    start_folder.mkdir()
+    for suffix in (".png", ".mask.png"):
+        (start_folder / f"img019{suffix}").write_bytes((local / f"img019{suffix}").read_bytes())
     config = {
         "model": {"checkpoint": str(CHECKPOINT)},
-        "prompt": {"uri": uri, "name": "img019", "classes": CLASSES},  # a pool image, as a prompt folder has it
+        "prompt": {"uri": str(start_folder), "classes": CLASSES},  # one pool image, as a prompt folder has it
         "data": {"uri": uri, "val_fraction": VAL_FRACTION, "seed": SEED},
         "train": {"steps": 10, "batch_size": 8, "lr": 0.02, "log_every": 5, "checkpoint_every": 5},
         "output": {"uri": "s3://pool/tuned"},
