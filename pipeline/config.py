@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 
 import fsspec
 import yaml
@@ -218,26 +218,25 @@ class JobConfig(_Dumpable):
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-_SECTIONS: dict[str, type] = {
-    "input": InputConfig,
-    "prompts": PromptsConfig,
-    "model": ModelConfig,
-    "output": OutputConfig,
-    "compute": ComputeConfig,
-    "storage": StorageConfig,
-}
-_OPTIONAL_SECTIONS = {"compute", "storage", "storage_options"}
+def _sections(config: type) -> dict[str, type]:
+    """The section classes of a whole config class, by name (every field but `storage_options`)."""
+    hints = get_type_hints(config)
+    return {spec.name: hints[spec.name] for spec in dataclasses.fields(config) if spec.name != "storage_options"}
+
+
+_SECTIONS = _sections(JobConfig)
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> JobConfig:
     """Read a YAML file (or take a dict), apply `section.key=value` overrides and validate it all."""
-    return JobConfig(**_load(source, overrides, _SECTIONS, _OPTIONAL_SECTIONS))
+    return _load(source, overrides, JobConfig)
 
 
-def _load(
-    source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str], sections: dict[str, type], optional: set[str]
-) -> dict[str, Any]:
-    """The checked sections of a config (and its `storage_options`), by name."""
+def _load(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str], config: type) -> Any:
+    """The whole config of class `config`: its sections (those with a default may be left out) checked, and its
+    `storage_options`."""
+    sections = _sections(config)
+    optional = {spec.name for spec in dataclasses.fields(config) if spec.default_factory is not dataclasses.MISSING}
     raw = _read_yaml(source) if isinstance(source, (str, os.PathLike)) else copy.deepcopy(dict(source))
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {_describe(raw)}")
@@ -249,7 +248,7 @@ def _load(
     checked = {name: _section(name, cls, raw.get(name), name in optional) for name, cls in sections.items()}
     storage_options = raw.get("storage_options")
     checked["storage_options"] = {} if storage_options is None else _mapping("storage_options", storage_options)
-    return checked
+    return config(**checked)
 
 
 def _read_yaml(path: str | os.PathLike) -> Any:
@@ -388,18 +387,9 @@ class TrainConfig(_Dumpable):
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-_TRAIN_SECTIONS: dict[str, type] = {
-    "model": TrainModelConfig,
-    "data": TrainDataConfig,
-    "train": TrainLoopConfig,
-    "output": TrainOutputConfig,
-    "compute": TrainComputeConfig,
-}
-
-
 def load_train_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
     """The training config, read and checked like the job's (`load_config`)."""
-    return TrainConfig(**_load(source, overrides, _TRAIN_SECTIONS, {"data", "train", "compute", "storage_options"}))
+    return _load(source, overrides, TrainConfig)
 
 
 
@@ -452,16 +442,9 @@ class TuneConfig(_Dumpable):
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-_TUNE_SECTIONS: dict[str, type] = {
-    "model": TuneModelConfig,
-    "prompt": TunePromptConfig,
-    "data": TuneDataConfig,
-    "train": TuneLoopConfig,
-    "output": TrainOutputConfig,
-    "compute": TrainComputeConfig,
-}
+_TUNE_SECTIONS = _sections(TuneConfig)
 
 
 def load_tune_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> TuneConfig:
     """The tuning config, read and checked like the job's (`load_config`)."""
-    return TuneConfig(**_load(source, overrides, _TUNE_SECTIONS, {"train", "compute", "storage_options"}))
+    return _load(source, overrides, TuneConfig)
