@@ -68,6 +68,7 @@ from safetensors.torch import save_file
 
 from model import SegGpt, SegGptConfig, hf_to_native, load_model
 from model.checkpoint import DTYPES
+from model.memory import KEEP_FREED_MEMORY_ENV
 from model.processing import normalize
 
 
@@ -90,9 +91,6 @@ GPU_PEAK_TFLOPS = {
     "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
     "L4": {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3},
 }
-# glibc settings that keep freed memory for reuse: what `model.memory.keep_freed_memory` does in our processes,
-# given to the reference's process by environment (the allocator-tuned reference).
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def model_flops(config: dict, batch: int, prompts: int) -> int:
@@ -126,10 +124,6 @@ def _model_child(spec: dict) -> None:
         def run(images, prompt_images, prompt_masks):
             return reference(images, prompt_images, prompt_masks, feature_ensemble=k > 1).pred_masks[::k, :, 448:]
     else:
-        from model.memory import keep_freed_memory
-
-        if device.type == "cpu":
-            keep_freed_memory()  # as the inference actor does
         ours = SegGpt(SegGptConfig(**config)).eval().to(device, dtype)
         ours.set_attention(spec["attention"])
 
@@ -152,11 +146,12 @@ def _model_child(spec: dict) -> None:
 
 
 def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
-    """One measuring process; glibc's malloc as it comes, or tuned by environment (`TUNED_MALLOC_ENV`)."""
+    """One measuring process; glibc's malloc as it comes, or tuned by environment (`KEEP_FREED_MEMORY_ENV`, as the
+    inference actor runs)."""
     code = "import json, sys; from jobs.benchmark import _model_child; _model_child(json.loads(sys.argv[1]))"
-    env = {name: value for name, value in os.environ.items() if name not in TUNED_MALLOC_ENV}
+    env = {name: value for name, value in os.environ.items() if name not in KEEP_FREED_MEMORY_ENV}
     child = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=Path(__file__).resolve().parents[1],
-                           capture_output=True, text=True, env={**env, **(TUNED_MALLOC_ENV if tuned_malloc else {})})
+                           capture_output=True, text=True, env={**env, **(KEEP_FREED_MEMORY_ENV if tuned_malloc else {})})
     if child.returncode:
         sys.stderr.write(child.stderr)
         raise SystemExit(f"the measuring process of {spec['impl']} failed (exit {child.returncode})")
@@ -166,9 +161,10 @@ def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
 def benchmark_model(args: argparse.Namespace) -> None:
     """Ours at each dtype against the reference (as users run it, and with its allocator tuned), each in its own
     process, alternated round by round (A B C A B C) so that the machine's drift hits all of them alike."""
-    variants = {f"ours {dtype}": ({"impl": "ours", "dtype": dtype}, False) for dtype in args.dtypes}
+    on_cpu = args.device == "cpu"  # ours runs with the inference actor's allocator settings
+    variants = {f"ours {dtype}": ({"impl": "ours", "dtype": dtype}, on_cpu) for dtype in args.dtypes}
     variants[f"reference {args.reference_dtype}"] = ({"impl": "reference", "dtype": args.reference_dtype}, False)
-    if args.device == "cpu":
+    if on_cpu:
         variants[f"reference {args.reference_dtype}, tuned malloc"] = (
             {"impl": "reference", "dtype": args.reference_dtype}, True)
     common = {"layers": args.layers, "batch": args.batch, "prompts": args.prompts, "device": args.device,
@@ -258,6 +254,14 @@ class ProcessPeaks:
             roles[role] = max(roles.get(role, 0), peak[measure])
         return dict(sorted(roles.items(), key=lambda item: -item[1]))
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds (user + system) used by each kind of process, summed over its processes."""
+        roles: dict[str, float] = {}
+        for peak in self.peaks.values():
+            role = " + ".join(sorted(peak["names"])) or "ray worker (idle)"
+            roles[role] = roles.get(role, 0.0) + peak["cpu_s"]
+        return dict(sorted(roles.items(), key=lambda item: -item[1]))
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
@@ -272,12 +276,22 @@ class ProcessPeaks:
                 continue  # ended meanwhile
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             kib = {name: int(fields.get(name, "0 kB").split()[0]) for name in ("VmHWM", "RssAnon")}
-            peak = self.peaks.setdefault(pid, {"kib": 0, "private_kib": 0, "names": set()})
+            peak = self.peaks.setdefault(pid, {"kib": 0, "private_kib": 0, "cpu_s": 0.0, "names": set()})
             peak["kib"] = max(peak["kib"], kib["VmHWM"])
+            peak["cpu_s"] = max(peak["cpu_s"], _cpu_seconds(pid))
             peak["private_kib"] = max(peak["private_kib"], kib["RssAnon"])
             name = "driver" if pid == me else _process_role(title)
             if name:
                 peak["names"].add(name)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far (0 when it ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _process_role(title: str) -> str | None:
@@ -348,7 +362,7 @@ def _measured_job(job: dict) -> dict:
         ray.shutdown()  # inside: Ray's processes are sampled up to their end
     return {"images": summary.ok + summary.error, "ok": summary.ok, "seconds": summary.seconds,
             "images_per_second": summary.images_per_second, "peaks_kib": peaks.by_role(),
-            "private_peaks_kib": peaks.by_role("private_kib")}
+            "private_peaks_kib": peaks.by_role("private_kib"), "cpu_seconds": peaks.cpu_by_role()}
 
 
 def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) -> float:
@@ -411,6 +425,9 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
           f"{before:.4f} before the job, {after:.4f} after)")
     print(f"     busy: {run['images_per_second'] / model_rate:.0%} of the model-only rate")
     _print_peaks({"peak RSS": run["peaks_kib"], "private": run["private_peaks_kib"]})
+    print(f"  CPU seconds over the job's {run['seconds']:.1f} s (wall) on {os.cpu_count()} CPUs:")
+    for role, seconds in run["cpu_seconds"].items():
+        print(f"  {role[:58]:<58}{seconds:12.1f}")
     _write_record(args.json, {"benchmark": "pipeline", **vars(args), "job": run, "model_images_per_second": model_rate,
                               "model_before_after": [before, after], "ratio": run["images_per_second"] / model_rate})
 

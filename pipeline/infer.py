@@ -9,7 +9,6 @@ import ray
 import torch
 
 from model import load_model
-from model.memory import keep_freed_memory
 from model.processing import class_scores, masks_to_class_ids, normalize
 from pipeline.prompts import PromptSet
 from pipeline.storage import Retry, StorageUnavailable
@@ -22,9 +21,10 @@ class SegGptPredictor:
     n * K model rows. `score` is the mean per-pixel confidence (see `masks_to_class_ids`), `class_scores` (one per
     palette colour) the mean over each class's pixels (`model.processing.class_scores`); NaN on error rows.
     Pixels travel to the device as uint8 (pinned, copied without blocking, on CUDA) and are normalised there.
-    On the CPU the process keeps freed memory for reuse (`keep_freed_memory`), sparing a page fault per page of
-    every fresh tensor. A checkpoint that storage cannot give within the retry budget fails the first batch, not the
-    constructor: Ray reports a constructor's error only as a dead actor, a batch's error whole.
+    The actor's process starts with `model.memory.KEEP_FREED_MEMORY_ENV` (see `build_dataset`): glibc keeps freed
+    memory for reuse, sparing a page fault per page of every fresh tensor. A checkpoint that storage cannot give
+    within the retry budget fails the first batch, not the constructor: Ray reports a constructor's error only as a
+    dead actor, a batch's error whole.
     """
 
     def __init__(
@@ -39,8 +39,6 @@ class SegGptPredictor:
     ) -> None:
         prompt_set: PromptSet = ray.get(prompts)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.failure: StorageUnavailable | None = None
         try:
             self.model = retry(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from jobs.autolabel import main as cli
 from model import SegGpt, SegGptConfig, load_model
+from model.memory import KEEP_FREED_MEMORY_ENV
 from model.processing import decode_png, masks_to_class_ids, normalize, prepare_image, upsample_class_map
 from pipeline.export import export
 from pipeline.job import autolabel
@@ -213,7 +215,14 @@ def test_bad_files_become_error_rows(assets, tmp_path, ray_session, capsys):
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(job_config(assets, str(data), str(tmp_path / "out"), {})))
 
+    actors = ProcessEnvironments("ray::MapWorker(MapBatches(SegGptPredictor))")
+    actors.start()
     assert cli(["run", str(config_path)]) == 0
+    actors.stop.set()
+    actors.join()
+    # The inference actor's process starts with the allocator settings that keep freed tensors (test_memory.py).
+    assert actors.found
+    assert all(KEEP_FREED_MEMORY_ENV.items() <= environ.items() for environ in actors.found.values())
 
     rows = {row["key"]: row for row in read_labels(str(tmp_path / "out"), {}).to_pylist()}
     assert sorted(rows) == sorted({**good, **bad})
@@ -225,6 +234,25 @@ def test_bad_files_become_error_rows(assets, tmp_path, ray_session, capsys):
         assert rows[name]["status"] == "ok", rows[name]["error"]
         assert np.array_equal(decode_png(rows[name]["mask"]), expected_map(assets, payload))
     assert "4 error" in capsys.readouterr().out
+
+
+class ProcessEnvironments(threading.Thread):
+    """While running: the environments of this machine's processes whose title starts with `title`, read from
+    /proc every 20 ms (a Ray worker names itself after the task or actor it runs)."""
+
+    def __init__(self, title: str) -> None:
+        super().__init__(daemon=True)
+        self.title, self.found, self.stop = title.encode(), {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.02):
+            for entry in os.scandir("/proc"):
+                try:
+                    if entry.name.isdigit() and Path(entry.path, "cmdline").read_bytes().startswith(self.title):
+                        environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+                        self.found[int(entry.name)] = dict(v.decode().split("=", 1) for v in environ if b"=" in v)
+                except OSError:
+                    continue  # ended meanwhile
 
 
 def long_job(tmp_path: Path, count: int = 130) -> dict:

@@ -35,3 +35,53 @@ def test_freed_memory_is_reused_without_page_faults():
     assert all(faults >= PAGES * 0.9 for faults in plain)  # glibc maps and unmaps each block: every page faults
     assert kept[0] >= PAGES * 0.9  # the first touch of the heap
     assert all(faults < PAGES * 0.01 for faults in kept[1:])  # then the same pages, kept
+
+
+def test_a_ray_data_actor_keeps_freed_memory_only_with_the_environment(ray_session):
+    """A Ray Data actor runs its batches on a thread of its own, where `keep_freed_memory` (called in the
+    constructor, as the inference actor once did) does not hold: every large block is mapped afresh. Started with
+    `KEEP_FREED_MEMORY_ENV`, as `pipeline.job` starts the inference actor, the same thread reuses freed blocks."""
+    import ray
+
+    from model.memory import KEEP_FREED_MEMORY_ENV
+
+    class Rounds:
+        def __init__(self, call_keep_freed_memory: bool) -> None:
+            from model.memory import keep_freed_memory
+
+            if call_keep_freed_memory:
+                assert keep_freed_memory()
+
+        def __call__(self, batch: dict) -> dict:
+            import ctypes
+            import resource
+            import threading
+
+            import numpy as np
+
+            libc = ctypes.CDLL(None)
+            libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            libc.free.argtypes = [ctypes.c_void_p]
+            faults = []
+            for _ in range(3):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                block = libc.malloc(256 << 20)
+                ctypes.memset(block, 1, 256 << 20)
+                libc.free(block)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            batch["faults"] = np.array([faults])
+            batch["main_thread"] = np.array([threading.current_thread() is threading.main_thread()])
+            return batch
+
+    def run(**options) -> dict:
+        rows = ray.data.range(1).map_batches(
+            Rounds, compute=ray.data.ActorPoolStrategy(size=1), batch_size=1, num_cpus=1, **options
+        ).take_all()
+        return rows[0]
+
+    called = run(fn_constructor_args=(True,))
+    assert not called["main_thread"]
+    assert all(faults >= PAGES * 0.9 for faults in called["faults"])  # mapped afresh each time
+    started = run(fn_constructor_args=(False,), runtime_env={"env_vars": KEEP_FREED_MEMORY_ENV})
+    assert not started["main_thread"]
+    assert all(faults < PAGES * 0.01 for faults in started["faults"][1:])
