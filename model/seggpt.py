@@ -235,7 +235,8 @@ class SegGpt(nn.Module):
             _ACTIVATIONS[config.hidden_act](),
             nn.Conv2d(decoder_dim, 3, kernel_size=1),
         )
-        self.reset_parameters()
+        if not self.pos_embed.is_meta:  # on the meta device (a checkpoint's shapes) there are no values to set, and
+            self.reset_parameters()  # torch would import its compiler (~3 s) to run the init functions there
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
