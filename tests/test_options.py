@@ -171,8 +171,12 @@ def test_exif_transpose_off(assets, dataset, baseline, tmp_path):
     assert decode_png(rows[ROTATED]["mask"]).shape == (24, 40)
 
 
-def test_rgb_prompt_masks(assets, dataset, baseline, tmp_path):
-    """`prompts.mask_format: rgb`: palette-coloured prompt masks give exactly the masks of the label-map set."""
+def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path,
+                                                                     ray_session):
+    """Three options in one run, each with its own check:
+    - `prompts.mask_format: rgb`: palette-coloured prompt masks give exactly the masks of the label-map set;
+    - `output.png: false`: no masks/ folder and no mask_uri, but every row still carries its mask;
+    - `compute.actors: [1, 2]` over more than one batch: every key once, every mask the model's."""
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     for name in ("p0", "p1"):
@@ -184,27 +188,19 @@ def test_rgb_prompt_masks(assets, dataset, baseline, tmp_path):
     label_tensors = prompt_tensors(assets / "prompts", size)
     assert np.array_equal(rgb_tensors[1], label_tensors[1])  # painting and nearest resizing commute
 
-    rows = run_job(assets, str(dataset[0]), tmp_path / "out", prompts={"uri": str(prompts), "mask_format": "rgb"})
-    assert sorted(rows) == sorted(dataset[1])
-    for key, data in dataset[1].items():
-        check_row(rows[key], model_map(assets, shown(data), prompts=rgb_tensors))
-        assert rows[key]["mask"] == baseline[1][key]["mask"]
-
-
-def test_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path, ray_session):
-    """`output.png: false`: no masks/ folder and no mask_uri, but every row still carries its mask; with
-    `compute.actors: [1, 2]` over more than one batch: every key once, every mask the model's."""
     output = tmp_path / "out"
-    rows = run_job(assets, str(dataset[0]), output, output={"png": False},
-                   compute={"actors": [1, 2], "batch_size": 2})
+    rows = run_job(assets, str(dataset[0]), output, prompts={"uri": str(prompts), "mask_format": "rgb"},
+                   output={"png": False}, compute={"actors": [1, 2], "batch_size": 2})
     assert sorted(rows) == sorted(dataset[1])  # rows_by_key checked that no key is there twice
     assert not (output / "masks").exists() and (output / "_SUCCESS").exists()
     assert (baseline[0] / "masks").is_dir()  # the default writes them
     for key, data in dataset[1].items():
         assert rows[key]["mask_uri"] is None and baseline[1][key]["mask_uri"] is not None
-        check_row(rows[key], model_map(assets, shown(data)))
+        check_row(rows[key], model_map(assets, shown(data), prompts=rgb_tensors))
+        assert rows[key]["mask"] == baseline[1][key]["mask"]
     job = json.loads((output / "_job.json").read_text())
     assert job["config"]["compute"]["actors"] == [1, 2] and job["config"]["output"]["png"] is False
+    assert job["config"]["prompts"]["mask_format"] == "rgb"
     assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
 
 
