@@ -226,3 +226,15 @@ def test_check_checkpoint_reads_safetensors_headers_only(hf_folder, tmp_path):
     with pytest.raises(CheckpointError, match=r"mis-shaped \(\d+\): .*pos_embed: checkpoint \(1, 10, 32\), "
                                               r"model \(1, 10, 64\)"):
         check_checkpoint(str(tmp_path))
+
+
+def test_loading_does_not_import_torchs_compiler(hf_folder):
+    """The model is built on the meta device and then given the checkpoint's weights: running the random init on
+    meta tensors made torch import its compiler, about 3 s at the start of every actor and command."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from model import load_model; load_model(sys.argv[1]); "
+            "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code, hf_folder], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
