@@ -256,7 +256,7 @@ def as_tar_shards(config: dict, per_shard: int) -> dict:
 
 
 def test_an_inference_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_session):
-    config = as_tar_shards(long_job(tmp_path, 24), per_shard=4)
+    config = as_tar_shards(long_job(tmp_path, 24, image_size=(512, 256)), per_shard=4)
     labels = tmp_path / "out" / "labels"
     killed: list[int] = []
     restarted: list[int] = []

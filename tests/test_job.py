@@ -255,11 +255,11 @@ class ProcessEnvironments(threading.Thread):
                     continue  # ended meanwhile
 
 
-def long_job(tmp_path: Path, count: int = 130) -> dict:
+def long_job(tmp_path: Path, count: int = 130, image_size: tuple[int, int] = (256, 128)) -> dict:
     """A job that can be interrupted part-way: loose files are read 64 to a block and a block flows through the
     stages whole, so three blocks, small labels files, and a model slow enough that the first file is written well
-    before the last image is labelled."""
-    assets = make_assets(tmp_path, {**TINY, "image_size": [256, 128], "patch_size": 16})
+    before the last image is labelled (a larger `image_size`: slower)."""
+    assets = make_assets(tmp_path, {**TINY, "image_size": list(image_size), "patch_size": 16})
     data = tmp_path / "data"
     data.mkdir()
     for i in range(count):
