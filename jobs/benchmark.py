@@ -150,8 +150,9 @@ def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
     inference actor runs)."""
     code = "import json, sys; from jobs.benchmark import _model_child; _model_child(json.loads(sys.argv[1]))"
     env = {name: value for name, value in os.environ.items() if name not in KEEP_FREED_MEMORY_ENV}
+    env.update(KEEP_FREED_MEMORY_ENV if tuned_malloc else {})
     child = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=Path(__file__).resolve().parents[1],
-                           capture_output=True, text=True, env={**env, **(KEEP_FREED_MEMORY_ENV if tuned_malloc else {})})
+                           capture_output=True, text=True, env=env)
     if child.returncode:
         sys.stderr.write(child.stderr)
         raise SystemExit(f"the measuring process of {spec['impl']} failed (exit {child.returncode})")
