@@ -251,7 +251,7 @@ class ProcessPeaks:
         """
         roles: dict[str, int] = {}
         for peak in self.peaks.values():
-            role = " + ".join(sorted(peak["names"])) or "ray worker (idle)"
+            role = _role_of(peak)
             roles[role] = max(roles.get(role, 0), peak[measure])
         return dict(sorted(roles.items(), key=lambda item: -item[1]))
 
@@ -259,7 +259,7 @@ class ProcessPeaks:
         """CPU seconds (user + system) used by each kind of process, summed over its processes."""
         roles: dict[str, float] = {}
         for peak in self.peaks.values():
-            role = " + ".join(sorted(peak["names"])) or "ray worker (idle)"
+            role = _role_of(peak)
             roles[role] = roles.get(role, 0.0) + peak["cpu_s"]
         return dict(sorted(roles.items(), key=lambda item: -item[1]))
 
@@ -284,6 +284,11 @@ class ProcessPeaks:
             name = "driver" if pid == me else _process_role(title)
             if name:
                 peak["names"].add(name)
+
+
+def _role_of(peak: dict) -> str:
+    """The kind of a sampled process: the Ray tasks and actors it ran, or an idle worker."""
+    return " + ".join(sorted(peak["names"])) or "ray worker (idle)"
 
 
 def _cpu_seconds(pid: int) -> float:
