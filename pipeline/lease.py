@@ -1,13 +1,14 @@
 """A lease on an output: one run at a time writes to it.
 
 `_lease.json` under the output names its holder (host, pid, run id) and when it expires. It is created
-with a create-if-absent write (`open(..., "x")` locally; a PUT with `If-None-Match: *` on S3), so of two
-runs that start at once exactly one gets it. The holder renews it every `ttl_s / 4` seconds from a
-thread and deletes it at the end. A lease is stale, and taken over, once it has expired (its holder
-stopped renewing: killed, or cut off from the store) or when its holder ran on this host and its
-process is gone (a killed driver restarted on the same machine need not wait), or is this process and the run
-is over (a run that failed could not give it back: the next one from the same notebook need not wait).
-Taking and giving back the lease go through the job's storage `Retry` (after a failed run: one try); a renewal
+with a create-if-absent write (locally a hard link of a file written whole; on S3 a PUT with
+`If-None-Match: *`), so of two runs that start at once exactly one gets it. The holder renews it every
+`ttl_s / 4` seconds from a thread (locally by an atomic rename) and deletes it at the end, so a reader never
+sees a lease half written. A lease is stale, and taken over, once it has expired (its holder stopped
+renewing: killed, or cut off from the store) or when its holder ran on this host and its process is gone (a
+killed driver restarted on the same machine need not wait), or is this process and the run is over (a run
+that failed could not give it back: the next one from the same notebook need not wait). Taking and giving
+back the lease go through the job's storage `Retry` (after a failed run: one try); a renewal
 that fails waits for the next tick.
 """
 
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -95,8 +96,7 @@ class OutputLease:
         self.fs.makedirs(self.path.rpartition("/")[0], exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):
             try:
-                with open(self.path, "xb") as file:
-                    file.write(self._content())
+                self._write_local(os.link)
                 return True
             except FileExistsError:
                 return False
@@ -108,12 +108,27 @@ class OutputLease:
                 return False
             raise
 
+    def _write_local(self, publish: Callable[[str, str], None]) -> None:
+        """Write the lease whole to a file of this run, then `publish` it under the lease's name in one step.
+
+        A reader never sees a lease half written: `os.link` creates the name only where none exists,
+        `os.replace` swaps the file. (A PUT to an object store is whole already.)
+        """
+        staged = f"{self.path}.{self.holder['run']}"
+        with open(staged, "wb") as file:
+            file.write(self._content())
+        try:
+            publish(staged, self.path)
+        finally:
+            if os.path.exists(staged):
+                os.unlink(staged)
+
     def _read(self) -> dict[str, Any] | None:
         try:
             return json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:  # a lease cut short in writing: treat as expired
+        except ValueError:  # not a lease this code wrote (each is written whole): treat as expired
             return {}
 
     def _renew(self) -> None:
@@ -121,7 +136,10 @@ class OutputLease:
             try:
                 current = self._read()
                 if current is None or current.get("run") == self.holder["run"]:
-                    self.fs.pipe_file(self.path, self._content())
+                    if isinstance(self.fs, LocalFileSystem):
+                        self._write_local(os.replace)
+                    else:
+                        self.fs.pipe_file(self.path, self._content())
             except Exception:  # noqa: BLE001 - e.g. the store unreachable for now: the next tick tries again
                 pass
 

@@ -72,3 +72,17 @@ def test_stale_leases_are_taken_over(output):
     fs.pipe_file(f"{root}/{LEASE_FILE}", json.dumps(elsewhere).encode())
     with pytest.raises(OutputError, match="host another-host"):
         OutputLease(fs, root, "out", retry=Retry(1)).__enter__()
+
+
+
+def test_a_reader_never_sees_a_lease_half_written(tmp_path):
+    """Another run reads the lease while its holder renews it: a half-written lease would read as expired.
+
+    Local disk only: a PUT to S3 is whole by itself.
+    """
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    with OutputLease(fs, root, "out", retry=Retry(1), ttl_s=0.004) as lease:  # renewed every millisecond
+        reads = [lease_of(fs, root) for _ in range(2000)]
+    assert all(read["run"] == lease.holder["run"] for read in reads)
+    assert len({read["expires_at"] for read in reads}) > 20  # the reads did cross renewals
+    assert os.listdir(root) == []  # released, and no staged file left behind
