@@ -21,7 +21,7 @@ from moto.server import ThreadedMotoServer
 from jobs.autolabel import main as cli
 from pipeline.storage import Retry, StorageUnavailable, is_transient, storage_failure
 from model.processing import decode_png
-from tests.test_job import expected_map, long_job, read_labels
+from tests.test_job import expected_map, long_job, own_processes, read_labels
 
 
 # --- the policy ------------------------------------------------------------------------------------------------
@@ -230,18 +230,6 @@ def test_past_the_retry_budget_the_job_exits_3_and_a_later_run_completes(tmp_pat
 # --- an inference actor that dies ---------------------------------------------------------------------------------
 
 
-def predictor_pids() -> list[int]:
-    """Processes of the job's inference actors, by the title Ray gives them."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"SegGptPredictor" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def as_tar_shards(config: dict, per_shard: int) -> dict:
     """`config` with its loose images packed into WebDataset shards of `per_shard` images: each shard is a block of
     its own, so the model works through many small tasks."""
@@ -255,6 +243,9 @@ def as_tar_shards(config: dict, per_shard: int) -> dict:
     return {**config, "input": {**config["input"], "uri": str(shards)}}
 
 
+PREDICTOR = "ray::MapWorker(MapBatches(SegGptPredictor))"  # the title of an inference actor's process
+
+
 def test_an_inference_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_session):
     config = as_tar_shards(long_job(tmp_path, 24, image_size=(512, 256)), per_shard=4)
     labels = tmp_path / "out" / "labels"
@@ -264,13 +255,13 @@ def test_an_inference_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, r
     def kill_when_labelled() -> None:
         while not list(labels.glob("*.parquet")):
             time.sleep(0.05)
-        killed.extend(predictor_pids())
+        killed.extend(own_processes(PREDICTOR))
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while not set(predictor_pids()) - set(killed) and time.monotonic() < deadline:
+        while not set(own_processes(PREDICTOR)) - set(killed) and time.monotonic() < deadline:
             time.sleep(0.05)
-        restarted.extend(set(predictor_pids()) - set(killed))
+        restarted.extend(set(own_processes(PREDICTOR)) - set(killed))
 
     killer = threading.Thread(target=kill_when_labelled, daemon=True)
     killer.start()

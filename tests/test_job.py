@@ -236,21 +236,41 @@ def test_bad_files_become_error_rows(assets, tmp_path, ray_session, capsys):
     assert "4 error" in capsys.readouterr().out
 
 
+def own_processes(title: str) -> list[int]:
+    """Processes descended from this one (its Ray's workers) whose title starts with `title`: a Ray worker names
+    itself after the task or actor it runs. Other Ray instances on the machine are none of our business."""
+    parents, titled = {}, []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit():
+                parents[int(entry.name)] = int(Path(entry.path, "stat").read_text().rpartition(")")[2].split()[1])
+                if Path(entry.path, "cmdline").read_bytes().startswith(title.encode()):
+                    titled.append(int(entry.name))
+        except OSError:
+            continue  # ended meanwhile
+
+    def descends(pid: int) -> bool:
+        while pid in parents and pid != os.getpid():
+            pid = parents[pid]
+        return pid == os.getpid()
+
+    return [pid for pid in titled if descends(pid)]
+
+
 class ProcessEnvironments(threading.Thread):
-    """While running: the environments of this machine's processes whose title starts with `title`, read from
-    /proc every 20 ms (a Ray worker names itself after the task or actor it runs)."""
+    """While running: the environments of our processes whose title starts with `title` (`own_processes`), read
+    from /proc every 20 ms."""
 
     def __init__(self, title: str) -> None:
         super().__init__(daemon=True)
-        self.title, self.found, self.stop = title.encode(), {}, threading.Event()
+        self.title, self.found, self.stop = title, {}, threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.02):
-            for entry in os.scandir("/proc"):
+            for pid in own_processes(self.title):
                 try:
-                    if entry.name.isdigit() and Path(entry.path, "cmdline").read_bytes().startswith(self.title):
-                        environ = Path(entry.path, "environ").read_bytes().split(b"\0")
-                        self.found[int(entry.name)] = dict(v.decode().split("=", 1) for v in environ if b"=" in v)
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    self.found[pid] = dict(v.decode().split("=", 1) for v in environ if b"=" in v)
                 except OSError:
                     continue  # ended meanwhile
 
