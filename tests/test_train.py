@@ -1,5 +1,5 @@
-"""Training on Ray Train: checkpoints `load_model` reads, a resume that continues the loss, two workers whose gradients
-meet in one model, refusals before any Ray work, and the synthetic task generator."""
+"""Training on Ray Train: two workers whose gradients meet in one model, checkpoints `load_model` reads, a resume that
+continues the loss, refusals before any Ray work, and the synthetic task generator."""
 
 from __future__ import annotations
 
@@ -30,9 +30,15 @@ def config(output: Path, **train) -> dict:
     }
 
 
-def test_checkpoints_load_and_a_resume_continues_the_loss(tmp_path, ray_session):
+def test_two_workers_checkpoints_load_and_a_resume_continues_the_loss(tmp_path, ray_session):
+    lr = 1e-3  # constant at step 1 (no warm-up), where the hand-made step below checks it
+
+    def two_workers(output: Path) -> dict:
+        return {**config(output, warmup_steps=0, lr=lr, weight_decay=0.0, checkpoint_every=1),
+                "compute": {"workers": 2, "cpus_per_worker": 0.5}}
+
     whole = tmp_path / "whole"
-    summary = train(config(whole), log=lambda line: None)
+    summary = train(two_workers(whole), log=lambda line: None)
     assert (summary.first_step, summary.steps) == (0, 6) and summary.checkpoint.endswith("checkpoint-0000006")
     losses = {record["step"]: record["loss"] for record in read_log(str(whole), {})}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -40,26 +46,8 @@ def test_checkpoints_load_and_a_resume_continues_the_loss(tmp_path, ray_session)
     assert isinstance(model, SegGpt) and model.config.hidden_size == 32
     assert not torch.equal(model.mask_token, load_model(str(whole / "checkpoint-0000003")).mask_token)  # it trained
 
-    # A run stopped after step 3 (its checkpoint), started again: it continues where it stopped.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole / "checkpoint-0000003", resumed / "checkpoint-0000003")
-    lines: list[str] = []
-    summary = train(config(resumed), log=lines.append)
-    assert summary.first_step == 3 and lines[0].startswith("resuming from") and "(step 3)" in lines[0]
-    again = {record["step"]: record["loss"] for record in read_log(str(resumed), {})}
-    assert sorted(again) == [1, 2, 3, 4, 5, 6]  # the earlier records come with the checkpoint
-    for step in (4, 5, 6):
-        assert again[step] == pytest.approx(losses[step], rel=1e-5), step
-    for name, value in load_model(str(resumed / "checkpoint-0000006")).state_dict().items():
-        torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-5, atol=1e-6)
-
-
-def test_two_workers_gradients_reach_one_model(tmp_path, ray_session):
-    output = tmp_path / "ddp"
-    lr = 1e-3
-    train({**config(output, steps=1, warmup_steps=0, lr=lr, weight_decay=0.0, checkpoint_every=1),
-           "compute": {"workers": 2, "cpus_per_worker": 0.5}}, log=lambda line: None)
-    trained = load_model(str(output / "checkpoint-0000001")).state_dict()
+    # The first step's gradients of both workers met in one model.
+    first = load_model(str(whole / "checkpoint-0000001")).state_dict()
 
     def one_step(ranks: list[int]) -> dict[str, torch.Tensor]:
         """The same step by hand: the mean of the given ranks' gradients, clipped, one AdamW step."""
@@ -79,9 +67,22 @@ def test_two_workers_gradients_reach_one_model(tmp_path, ray_session):
         return model.state_dict()
 
     both, rank0_only = one_step([0, 1]), one_step([0])
-    worst = max((trained[name] - both[name]).abs().max().item() for name in both)
+    worst = max((first[name] - both[name]).abs().max().item() for name in both)
     assert worst < 0.1 * lr, worst  # the update of the mean gradient of both workers
-    assert max((trained[name] - rank0_only[name]).abs().max().item() for name in both) > lr  # not one worker's
+    assert max((first[name] - rank0_only[name]).abs().max().item() for name in both) > lr  # not one worker's
+
+    # A run stopped after step 3 (its checkpoint), started again: it continues where it stopped.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-0000003", resumed / "checkpoint-0000003")
+    lines: list[str] = []
+    summary = train(two_workers(resumed), log=lines.append)
+    assert summary.first_step == 3 and lines[0].startswith("resuming from") and "(step 3)" in lines[0]
+    again = {record["step"]: record["loss"] for record in read_log(str(resumed), {})}
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]  # the earlier records come with the checkpoint
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(losses[step], rel=1e-5), step
+    for name, value in load_model(str(resumed / "checkpoint-0000006")).state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_training_configs_are_refused_before_any_ray_work(tmp_path, capsys):
