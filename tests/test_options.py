@@ -1,8 +1,8 @@
 """Every config option's non-default value, run through the whole job on local Ray.
 
-Each test changes one option and checks the rows against what the model package, PIL or a hand-computed fact says,
+Each run changes one option or a few, and checks the rows against what the model package, PIL or a hand-computed fact says,
 never against pipeline code: the prompt tensors are built here from the prompt files with `prepare_image` and
-`prepare_mask`, as the README describes a prompt set. Where a test can show that the option matters, it does so
+`prepare_mask`, as the README describes a prompt set. Where a test can show that an option matters, it does so
 against one default run over the same images (`baseline`) or with inputs on which ignoring the option would fail.
 """
 
@@ -146,29 +146,32 @@ def test_baseline_is_what_the_model_gives(assets, dataset, baseline):
     assert np.array_equal(build_palette(len(CLASSES)), PALETTE)
 
 
-def test_instance_embedding(assets, dataset, baseline, tmp_path):
-    """`prompts.embedding: instance` gives the model's instance-embedding maps, which differ from semantic."""
-    rows = run_job(assets, str(dataset[0]), tmp_path / "out", prompts={"embedding": "instance"})
+def test_instance_embedding_exif_off_and_bfloat16(assets, dataset, baseline, tmp_path):
+    """Three options in one run, each of which moves some pixels (so an ignored one would show):
+    - `prompts.embedding: instance`: the model's instance-embedding maps;
+    - `input.exif_transpose: false`: the stored pixels are labelled: raw width/height, the model on the raw image;
+    - `model.dtype: bfloat16`: the model package's bfloat16 maps."""
+    output = tmp_path / "out"
+    rows = run_job(assets, str(dataset[0]), output, prompts={"embedding": "instance"}, input={"exif_transpose": False},
+                   model={"dtype": "bfloat16"})
     assert sorted(rows) == sorted(dataset[1])
-    differ = 0
-    for key, data in dataset[1].items():
-        expected = model_map(assets, shown(data), embedding="instance")
-        check_row(rows[key], expected)
-        differ += not np.array_equal(expected, decode_png(baseline[1][key]["mask"]))
-    assert differ > 0  # the random model's instance and semantic maps differ: an ignored option would show
-    assert json.loads((tmp_path / "out" / "_job.json").read_text())["config"]["prompts"]["embedding"] == "instance"
-
-
-def test_exif_transpose_off(assets, dataset, baseline, tmp_path):
-    """`input.exif_transpose: false` labels the stored pixels: raw width/height, the model on the raw image."""
-    rows = run_job(assets, str(dataset[0]), tmp_path / "out", input={"exif_transpose": False})
-    assert sorted(rows) == sorted(dataset[1])
+    differ = {"semantic": 0, "float32": 0}
     for key, data in dataset[1].items():
         raw = Image.open(io.BytesIO(data))
-        check_row(rows[key], model_map(assets, raw))
+        # Exact: on this CPU the bfloat16 result of an image does not depend on the batch it runs in.
+        expected = model_map(assets, raw, embedding="instance", dtype="bfloat16")
+        check_row(rows[key], expected)
+        differ["semantic"] += not np.array_equal(expected, model_map(assets, raw, dtype="bfloat16"))
+        differ["float32"] += not np.array_equal(expected, model_map(assets, raw, embedding="instance"))
+    assert all(differ.values()), differ
     assert (rows[ROTATED]["width"], rows[ROTATED]["height"]) == (40, 24)
     assert (baseline[1][ROTATED]["width"], baseline[1][ROTATED]["height"]) == (24, 40)  # the default turns it
     assert decode_png(rows[ROTATED]["mask"]).shape == (24, 40)
+    job = json.loads((output / "_job.json").read_text())
+    assert job["config"]["prompts"]["embedding"] == "instance" and job["config"]["model"]["dtype"] == "bfloat16"
+    assert job["config"]["input"]["exif_transpose"] is False
+    assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
+    assert (output / "_SUCCESS").exists()
 
 
 def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path,
@@ -227,24 +230,6 @@ def test_custom_image_column_on_parquet(assets, tmp_path, ray_session):
     bad = rows["c.parquet"]
     assert bad["status"] == "error" and bad["mask"] is None and "'img'" in bad["error"]
     assert bad["source"] == f"file://{data / 'c.parquet'}"
-
-
-def test_bfloat16(assets, dataset, baseline, tmp_path):
-    """`model.dtype: bfloat16` gives the model package's bfloat16 maps (not the float32 ones)."""
-    output = tmp_path / "out"
-    rows = run_job(assets, str(dataset[0]), output, model={"dtype": "bfloat16"})
-    assert sorted(rows) == sorted(dataset[1])
-    differ = 0
-    for key, data in dataset[1].items():
-        # Exact: on this CPU the bfloat16 result of an image does not depend on the batch it runs in.
-        expected = model_map(assets, shown(data), dtype="bfloat16")
-        check_row(rows[key], expected)
-        differ += not np.array_equal(expected, decode_png(baseline[1][key]["mask"]))
-    assert differ > 0  # bfloat16 moves some pixels of the random model: a float32 run would not pass
-    job = json.loads((output / "_job.json").read_text())
-    assert job["config"]["model"]["dtype"] == "bfloat16"
-    assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
-    assert (output / "_SUCCESS").exists()
 
 
 def test_jpeg_draft_and_fractional_cpu_tasks(assets, tmp_path, ray_session):
