@@ -1,19 +1,20 @@
 """A lease on an output: one run at a time writes to it.
 
-`_lease.json` under the output names its holder (host, pid, run id) and when it expires. It is created
-with a create-if-absent write (locally a hard link of a file written whole; on S3 a PUT with
-`If-None-Match: *`), so of two runs that start at once exactly one gets it. The holder renews it every
-`ttl_s / 4` seconds from a thread (locally by an atomic rename) and deletes it at the end, so a reader never
-sees a lease half written. A lease is stale, and taken over, once it has expired (its holder stopped
-renewing: killed, or cut off from the store) or when its holder ran on this host and its process is gone (a
-killed driver restarted on the same machine need not wait), or is this process and the run is over (a run
-that failed could not give it back: the next one from the same notebook need not wait). Taking and giving
-back the lease go through the job's storage `Retry` (after a failed run: one try); a renewal
-that fails waits for the next tick.
+`_lease.json` under the output names its holder (host, pid, run id) and when it expires. It is created with a
+create-if-absent write (locally a hard link of a file written whole; on S3 a PUT with `If-None-Match: *`), so of two
+runs that start at once exactly one gets it. The holder renews it every `ttl_s / 4` seconds from a thread (locally
+by an atomic rename) and deletes it at the end, so a reader never sees a lease half written (except on a local
+filesystem without hard links, where it is created by name and then written). A lease is stale, and taken over, once
+it has expired (its holder stopped renewing: killed, or cut off from the store) or when its holder ran on this host
+and its process is gone (a killed driver restarted on the same machine need not wait), or is this process and the
+run is over (a run that failed could not give it back: the next one from the same notebook need not wait). Taking
+and giving back the lease go through the job's storage `Retry` (after a failed run: one try); a renewal that fails
+waits for the next tick.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ from pipeline.storage import Retry
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 120.0
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # what link(2) says there
 _HELD: set[str] = set()  # run ids of the leases this process holds now
 
 
@@ -97,6 +99,15 @@ class OutputLease:
         if isinstance(self.fs, LocalFileSystem):
             try:
                 self._write_local(os.link)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if error.errno not in _NO_HARD_LINKS:
+                    raise
+            try:  # a filesystem without hard links (some FUSE mounts): create the name, then write into it
+                with open(self.path, "xb") as file:
+                    file.write(self._content())
                 return True
             except FileExistsError:
                 return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -85,4 +86,18 @@ def test_a_reader_never_sees_a_lease_half_written(tmp_path):
         reads = [lease_of(fs, root) for _ in range(2000)]
     assert all(read["run"] == lease.holder["run"] for read in reads)
     assert len({read["expires_at"] for read in reads}) > 20  # the reads did cross renewals
+    assert os.listdir(root) == []  # released, and no staged file left behind
+
+
+def test_a_local_filesystem_without_hard_links_still_takes_the_lease(tmp_path, monkeypatch):
+    """Where link(2) is refused (EPERM: e.g. a FUSE mount of a bucket) the lease is created by name instead."""
+    def refused(source, destination):
+        raise OSError(errno.EPERM, "Operation not permitted", source)
+
+    monkeypatch.setattr(os, "link", refused)
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    with OutputLease(fs, root, "out", retry=Retry(1)) as lease:
+        assert lease_of(fs, root)["run"] == lease.holder["run"]
+        with pytest.raises(OutputError, match="in use by another run"):
+            OutputLease(fs, root, "out", retry=Retry(1)).__enter__()
     assert os.listdir(root) == []  # released, and no staged file left behind
