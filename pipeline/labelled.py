@@ -80,13 +80,16 @@ def labelled_pairs(source: LabelledSource, storage_options: dict[str, Any], num_
 
 def read_labelled(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any],
                   size: tuple[int, int], num_classes: int, *, num_cpus: float = 0.5) -> ray.data.Dataset:
-    """Rows `key`, `image`, `labels` at `size` = (height, width), and `error` ("" for a usable pair)."""
+    """Rows `key`, `image`, `labels` at `size` = (height, width), and `error` ("" for a usable pair).
+
+    Tasks of `num_cpus=0` (where no CPU is free for them) run at most two at a time."""
     blocks = [items.slice(start, 16) for start in range(0, items.num_rows, 16)]
+    limit = {"concurrency": 2} if num_cpus == 0 else {}
     return ray.data.from_arrow(blocks).map_batches(
-        _read_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+        _read_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus, **limit,
         fn_kwargs={"source": source, "storage_options": storage_options},
     ).map_batches(
-        _decode, batch_format="numpy", num_cpus=num_cpus, fn_kwargs={"size": size, "num_classes": num_classes},
+        _decode, batch_format="numpy", num_cpus=num_cpus, **limit, fn_kwargs={"size": size, "num_classes": num_classes},
     )
 
 

@@ -4,6 +4,7 @@ mid-run skipped and counted; training on labelled data."""
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -103,15 +104,24 @@ def test_bad_labelled_data_is_refused_before_any_ray_work(tmp_path):
 
 
 def test_training_on_labelled_data_skips_and_counts_bad_samples(tmp_path, ray_session):
+    """The worker holds every CPU of the cluster, as a user gives a node's CPUs to one worker: the reading of the
+    data must still go on (it used to wait forever for a free CPU)."""
     folder = tmp_path / "data"
     folder.mkdir()
     for i, (image, labels) in enumerate(samples(9)):
         (folder / f"{i}.jpg").write_bytes(encoded(image, "JPEG") if i != 4 else b"broken")
         (folder / f"{i}.png").write_bytes(encoded(labels, "PNG"))
-    summary = train({"model": {"config": TINY}, "data": {"uri": str(folder), "num_classes": 2},
-                     "train": {"steps": 3, "batch_size": 2, "log_every": 1, "warmup_steps": 1},
-                     "output": {"uri": str(tmp_path / "out")}, "compute": {"cpus_per_worker": 0.5}},
-                    log=lambda line: None)
+    every_cpu = ray_session.cluster_resources()["CPU"]
+    result: dict = {}
+    run = threading.Thread(target=lambda: result.update(summary=train(
+        {"model": {"config": TINY}, "data": {"uri": str(folder), "num_classes": 2},
+         "train": {"steps": 3, "batch_size": 2, "log_every": 1, "warmup_steps": 1},
+         "output": {"uri": str(tmp_path / "out")}, "compute": {"cpus_per_worker": every_cpu}}, log=lambda line: None)),
+        daemon=True)
+    run.start()
+    run.join(timeout=240)
+    assert not run.is_alive(), "training hangs: its read tasks wait for a CPU that the worker holds"
+    summary = result["summary"]
     log = read_log(str(tmp_path / "out"), {})
     assert [record["step"] for record in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
     assert log[-1]["skipped"] >= 1  # the broken image, once per pass over the data
