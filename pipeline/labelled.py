@@ -89,7 +89,8 @@ def read_labelled(items: pa.Table, source: LabelledSource, storage_options: dict
         _read_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus, **limit,
         fn_kwargs={"source": source, "storage_options": storage_options},
     ).map_batches(
-        _decode, batch_format="numpy", num_cpus=num_cpus, **limit, fn_kwargs={"size": size, "num_classes": num_classes},
+        _decode, batch_format="numpy", num_cpus=num_cpus, **limit,
+        fn_kwargs={"size": size, "num_classes": num_classes},
     )
 
 

@@ -139,7 +139,7 @@ class OutputLease:
             return json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:  # not a lease this code wrote (each is written whole): treat as expired
+        except ValueError:  # half written (only without hard links) or not a lease at all: treat as expired
             return {}
 
     def _renew(self) -> None:

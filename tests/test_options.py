@@ -1,8 +1,8 @@
 """Every config option's non-default value, run through the whole job on local Ray.
 
-Each run changes one option or a few, and checks the rows against what the model package, PIL or a hand-computed fact says,
-never against pipeline code: the prompt tensors are built here from the prompt files with `prepare_image` and
-`prepare_mask`, as the README describes a prompt set. Where a test can show that an option matters, it does so
+Each run changes one option or a few, and checks the rows against what the model package, PIL or a hand-computed
+fact says, never against pipeline code: the prompt tensors are built here from the prompt files with `prepare_image`
+and `prepare_mask`, as the README describes a prompt set. Where a test can show that an option matters, it does so
 against one default run over the same images (`baseline`) or with inputs on which ignoring the option would fail.
 """
 
