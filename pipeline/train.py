@@ -115,9 +115,9 @@ def train(
     gpus = config.compute.gpus_per_worker
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
     resources = {"CPU": config.compute.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    # Ray Train holds its workers' CPUs for the whole fit: where they are all the cluster has, read tasks that ask
-    # for a CPU would wait forever, so they ask for none and share the workers' cores.
-    spare_cpus = ray.cluster_resources().get("CPU", 0) - config.compute.workers * config.compute.cpus_per_worker
+    # Ray Train holds its workers' CPUs for the whole fit: where they are all the cluster has free, read tasks that
+    # ask for a CPU would wait forever, so they ask for none and share the workers' cores.
+    spare_cpus = ray.available_resources().get("CPU", 0) - config.compute.workers * config.compute.cpus_per_worker
     datasets = {} if data.uri is None else {
         "train": read_labelled(items, source, options, model_config.input_size, data.num_classes,
                                num_cpus=0.5 if spare_cpus >= 0.5 else 0)}
