@@ -26,7 +26,7 @@ import fsspec
 
 from model import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, report, table
 from pipeline.export import FORMATS, ExportError, export
 from pipeline.job import autolabel, dry_run
 from pipeline.lease import OutputError
@@ -59,12 +59,21 @@ def demo(output: str) -> None:
     summary = autolabel(demo_config(output))
     print(summary)
     scores = evaluate(summary.output_uri, str(DEMO / "truth"))
-    print(scores.table())
+    print(table(scores))
     page = review(summary.output_uri)
     print(f"demo: mean IoU {scores.mean_iou:.3f} against the sample's ground truth")
     print(f"look at: {page.page} (a page of {len(page.overlays)} overlays, lowest score first), "
           f"{summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), "
           f"{summary.output_uri}/_job.json")
+
+
+def _ignore_index(text: str) -> int | None:
+    """`--ignore-index`: a label value, or `none`."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a label value (0..65535) or none, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                           help="override one config value (repeatable)")
     scoring = sub.add_parser("evaluate", help="score a job's output against ground-truth label maps")
     scoring.add_argument("--labels", required=True, metavar="OUTPUT_URI", help="the job's output (its labels/)")
-    scoring.add_argument("--truth", required=True, metavar="URI", help="label-map PNGs keyed like the inputs")
+    scoring.add_argument("--truth", required=True, metavar="URI",
+                         help="label maps keyed like the inputs: NAME.png / NAME.mask.png beside the images, KEY.png, "
+                              "WebDataset or Parquet shards with masks")
+    scoring.add_argument("--ignore-index", type=_ignore_index, default=255, metavar="ID|none",
+                         help="truth pixels with this value count nowhere (default 255; none: every id is a class)")
+    scoring.add_argument("--lowest", type=int, default=5, metavar="N", help="list the N lowest-scoring images")
+    scoring.add_argument("--mask-field", default="seg.png", help="the mask member of WebDataset truth samples")
+    scoring.add_argument("--mask-column", default="mask", help="the mask column of Parquet truth shards")
     scoring.add_argument("--json", metavar="URI", help="where to write the scores (default OUTPUT_URI/_evaluation.json)")
     scoring.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON",
                          help="fsspec options for both URIs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
@@ -107,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     selecting = sub.add_parser("select-prompts", help="choose K prompts from a labelled pool by validation mean IoU")
     selecting.add_argument("pool", metavar="POOL_URI", help="labelled images: image + NAME.png masks, tar or Parquet")
     selecting.add_argument("--checkpoint", required=True, metavar="URI", help="the model that will label with them")
-    selecting.add_argument("--k", type=int, required=True, help="how many prompts to choose")
+    selecting.add_argument("--k", type=int, required=True,
+                           help="the most prompts to choose (fewer where more do not score measurably better)")
     selecting.add_argument("--classes", required=True, type=lambda text: tuple(text.split(",")), metavar="A,B",
                            help="names of class ids 1, 2, ... of the pool's masks")
-    selecting.add_argument("--val-fraction", type=float, default=0.25, metavar="F", help="held out to score on")
+    selecting.add_argument("--val-fraction", type=float, metavar="F",
+                           help="held out to score on (default 0.3 of the pool, at most about 300 images)")
     selecting.add_argument("--candidates", type=int, default=32, metavar="N", help="training images to choose from")
     selecting.add_argument("--random-draws", type=int, default=5, metavar="N", help="random K-sets to compare with")
     selecting.add_argument("--seed", type=int, default=0)
@@ -133,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             demo(args.output)
         elif args.command == "evaluate":
-            scores = evaluate(args.labels, args.truth, storage_options=args.storage_options)
-            print(scores.table())
+            scores = evaluate(args.labels, args.truth, storage_options=args.storage_options,
+                              ignore_index=args.ignore_index, mask_field=args.mask_field, mask_column=args.mask_column)
+            print(table(scores, lowest=args.lowest))
             target = args.json or f"{args.labels.rstrip('/')}/_evaluation.json"
             with fsspec.open(target, "w", **args.storage_options) as file:
-                json.dump(scores.to_dict(), file, indent=2)
+                json.dump(report(scores), file, indent=2)
             print(f"scores written to {target}")
         elif args.command == "export":
             print(export(args.output, args.format, to=args.to, classes=args.classes, min_area=args.min_area,

@@ -1,5 +1,5 @@
 """Benchmarks whose output is reported, not asserted: `python -m jobs.benchmark
-model|pipeline|scale|cpu-stages|plan|heldout|prompts|export`.
+model|pipeline|scale|cpu-stages|plan|heldout|prompts|select|export`.
 
 Each prints a short table and, as its last line, a JSON record (also written to `--json PATH`).
 
@@ -26,6 +26,10 @@ tasks and scores it with `evaluate`.
 `select-prompts` on each and then `tune` from the best single prompt, and reports validation mean IoU: the chosen
 set, the best single prompt and random sets; the tuned prompt (the checkpoint best on validation) before and after on
 both parts of the pool.
+
+`select` judges `select-prompts` outside itself: per held-out synthetic task it makes a small pool (default 20 images,
+two classes, each shown with probability 0.5), writes its selection with the defaults, and labels held-out queries of
+the same task through the whole job with the written set and with random K-sets of the pool, scored by `evaluate`.
 
 `plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
 N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
@@ -945,7 +949,7 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
                           "train": {"steps": args.steps, "lr": args.lr, "log_every": 50, "checkpoint_every": 100},
                           "output": {"uri": str(Path(folder) / f"tuned{seed}")},
                           "compute": {"cpus_per_worker": os.cpu_count()}}, log=lambda line: None)
-            record = {"seed": seed, "chosen": chosen.steps[-1]["mean_iou"],
+            record = {"seed": seed, "chosen": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
                       "best_single": chosen.best_single["mean_iou"], "random": chosen.random["mean_iou"],
                       "tuned_step": tuned.chosen_step,
                       **{f"tuned_{part}_{when}": value for part, scores in tuned.scores.items()
@@ -960,6 +964,67 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
     means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key not in ("seed", "tuned_step")}
     print("mean over pools: " + ", ".join(f"{key} {value:.3f}" for key, value in means.items()))
     print(json.dumps({"what": "prompts", "args": vars(args), "pools": records, "mean": means}))
+
+
+def benchmark_select(args: argparse.Namespace) -> None:
+    """select-prompts judged outside itself: per held-out synthetic task, a pool, `--queries` other images of the task
+    through the whole job with the written set and with random K-sets of the pool, all scored by `evaluate`."""
+    import ray
+
+    from pipeline.evaluate import evaluate
+    from pipeline.job import autolabel
+    from pipeline.select import select_prompts
+    from pipeline.synthetic import random_task, render
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    classes = [f"class{c}" for c in range(1, args.classes + 1)]
+
+    def write(folder: Path, pictures: list, masks_to: Path | None = None) -> None:
+        folder.mkdir(parents=True)
+        for i, (image, labels) in enumerate(pictures):
+            Image.fromarray(image).save(folder / f"img{i:04d}.png")
+            Image.fromarray(labels).save((masks_to or folder) / f"img{i:04d}{'.png' if masks_to else '.mask.png'}")
+
+    def job_score(root: Path, prompts: Path, name: str) -> float:
+        autolabel({"input": {"uri": str(root / "queries")}, "prompts": {"uri": str(prompts), "classes": classes},
+                   "model": {"checkpoint": args.checkpoint}, "output": {"uri": str(root / f"out-{name}")},
+                   "compute": {"batch_size": 4}}, log=lambda line: None)
+        return evaluate(str(root / f"out-{name}"), str(root / "truth")).mean_iou
+
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in range(args.first_seed, args.first_seed + args.tasks):
+            root = Path(folder) / f"task{seed}"
+            rng = np.random.default_rng(seed)
+            task = random_task(rng, args.classes)
+            write(root / "pool", [render(task, rng, (64, 64), presence=args.presence) for _ in range(args.images)])
+            (root / "truth").mkdir(parents=True)
+            write(root / "queries", [render(task, rng, (64, 64)) for _ in range(args.queries)], root / "truth")
+            chosen = select_prompts(str(root / "pool"), checkpoint=args.checkpoint, classes=tuple(classes), k=args.k,
+                                    to=str(root / "chosen"), seed=seed, log=lambda line: None)
+            randoms = []
+            for draw in range(args.random_draws):
+                prompts = root / f"random{draw}"
+                prompts.mkdir()
+                for i in sorted(rng.choice(args.images, args.k, replace=False).tolist()):
+                    for suffix in (".png", ".mask.png"):
+                        shutil.copy(root / "pool" / f"img{i:04d}{suffix}", prompts / f"img{i:04d}{suffix}")
+                randoms.append(job_score(root, prompts, f"random{draw}"))
+            record = {"seed": seed, "kept_prompts": len(chosen.names), "validation_images": chosen.counts["validation"],
+                      "validation_score": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
+                      "written": job_score(root, root / "chosen", "chosen"), "random_mean": float(np.mean(randoms)),
+                      "random": randoms}
+            records.append(record)
+            print(f"task seed {seed}: written set ({record['kept_prompts']} prompts, validation "
+                  f"{record['validation_score']:.3f} on {record['validation_images']} images) {record['written']:.3f} "
+                  f"on {args.queries} held-out queries; random {args.k}-sets {record['random_mean']:.3f} "
+                  f"({', '.join(f'{r:.3f}' for r in randoms)})", flush=True)
+    written, random = (float(np.mean([r[key] for r in records])) for key in ("written", "random_mean"))
+    wins = sum(r["written"] >= r["random_mean"] for r in records)
+    print(f"over {args.tasks} tasks: written set {written:.3f}, random {args.k}-sets {random:.3f}; the written set "
+          f"at least the random mean in {wins} of {args.tasks}")
+    _write_record(args.json, {"what": "select", "args": vars(args), "tasks": records,
+                              "mean": {"written": written, "random": random}})
 
 
 def _export_output(folder: Path, rows: int, side: int) -> str:
@@ -1079,6 +1144,17 @@ def main(argv: list[str] | None = None) -> None:
     prompts.add_argument("--steps", type=int, default=200, help="tuning steps of 8 images")
     prompts.add_argument("--lr", type=float, default=0.01)
     prompts.add_argument("--first-seed", type=int, default=2000)
+    selecting = sub.add_parser("select", help="select-prompts' written set vs random K-sets, through the whole job")
+    selecting.add_argument("--checkpoint", default=str(Path(__file__).parent / "demo" / "checkpoint"))
+    selecting.add_argument("--tasks", type=int, default=5)
+    selecting.add_argument("--images", type=int, default=20, help="images per pool")
+    selecting.add_argument("--queries", type=int, default=8, help="held-out images per task, labelled by the job")
+    selecting.add_argument("--classes", type=int, default=2)
+    selecting.add_argument("--presence", type=float, default=0.5, help="the chance that a pool image shows a class")
+    selecting.add_argument("--k", type=int, default=3)
+    selecting.add_argument("--random-draws", type=int, default=5)
+    selecting.add_argument("--first-seed", type=int, default=3000)
+    selecting.add_argument("--json", help="write the JSON record here too")
     exporting = sub.add_parser("export", help="export at several sizes: time and peak memory per format")
     exporting.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
     exporting.add_argument("--side", type=int, default=256, help="class maps of side x side pixels")
@@ -1087,7 +1163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     {"model": benchmark_model, "pipeline": benchmark_pipeline, "scale": benchmark_scale,
      "cpu-stages": benchmark_cpu_stages, "plan": benchmark_plan,
-     "heldout": benchmark_heldout, "prompts": benchmark_prompts, "export": benchmark_export}[args.what](args)
+     "heldout": benchmark_heldout, "prompts": benchmark_prompts, "select": benchmark_select,
+     "export": benchmark_export}[args.what](args)
 
 
 if __name__ == "__main__":

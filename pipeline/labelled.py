@@ -20,6 +20,7 @@ import io
 import posixpath
 import tarfile
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Iterator
 
 import fsspec
@@ -98,7 +99,16 @@ def _read_block(items: pa.Table, *, source: LabelledSource, storage_options: dic
     return pa.Table.from_pylist(list(_read_items(items, source, storage_options)), schema=PAIR_SCHEMA)
 
 
-def _read_items(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def read_shard_masks(items: pa.Table, source: LabelledSource,
+                     storage_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Of the tar and Parquet shards among `items` (`list_inputs` rows), every pair's `key`, `mask` and `error`, as
+    `read_labelled` keys them; the image bytes are not read (`image` is empty)."""
+    shards = items.filter(pc.not_equal(items["kind"], "images"))
+    return _read_items(shards, source, storage_options, images=False)
+
+
+def _read_items(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any], *,
+                images: bool = True) -> Iterator[dict[str, Any]]:
     for item in items.to_pylist():
         try:
             fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
@@ -106,15 +116,18 @@ def _read_items(items: pa.Table, source: LabelledSource, storage_options: dict[s
                 mask_path = fsspec.core.url_to_fs(item["mask_source"], **storage_options)[1]
                 yield _pair(item["key"], fs.cat_file(path), fs.cat_file(mask_path))
             elif item["kind"] == "webdataset":
-                yield from _tar_pairs(fs, path, item["key"], source.mask_field)
+                yield from _tar_pairs(fs, path, item["key"], source.mask_field, images)
             else:
-                yield from _parquet_pairs(fs, path, item["key"], source.image_column, source.mask_column)
+                yield from _parquet_pairs(fs, path, item["key"], source.image_column if images else None,
+                                          source.mask_column)
         except Exception as error:  # an unreadable file or shard: one row, never a crash
             yield _pair(item["key"], error=f"unreadable: {type(error).__name__}: {error}")
 
 
-def _tar_pairs(fs: fsspec.AbstractFileSystem, path: str, key: str, mask_field: str) -> Iterator[dict[str, Any]]:
-    """A sample's members are adjacent (the WebDataset convention): pair them as the prefix changes."""
+def _tar_pairs(fs: fsspec.AbstractFileSystem, path: str, key: str, mask_field: str,
+               images: bool = True) -> Iterator[dict[str, Any]]:
+    """A sample's members are adjacent (the WebDataset convention): pair them as the prefix changes. Without
+    `images` only the mask members are read."""
     sample: dict[str, bytes] = {}
     prefix = None
     with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
@@ -127,7 +140,7 @@ def _tar_pairs(fs: fsspec.AbstractFileSystem, path: str, key: str, mask_field: s
             if f"{folder}/{stem}" != prefix:
                 yield from _sample_pair(key, prefix, sample, mask_field)
                 prefix, sample = f"{folder}/{stem}", {}
-            sample[field] = tar.extractfile(info).read()
+            sample[field] = tar.extractfile(info).read() if images or field == mask_field else b""
     yield from _sample_pair(key, prefix, sample, mask_field)
 
 
@@ -139,12 +152,16 @@ def _sample_pair(key: str, prefix: str | None, sample: dict[str, bytes], mask_fi
                     None if mask_field in sample else f"no {mask_field} member")
 
 
-def _parquet_pairs(fs: fsspec.AbstractFileSystem, path: str, key: str, image_column: str,
+def _parquet_pairs(fs: fsspec.AbstractFileSystem, path: str, key: str, image_column: str | None,
                    mask_column: str) -> Iterator[dict[str, Any]]:
+    """Without `image_column` only the masks are read."""
     with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle, columns=[image_column, mask_column])
-    for row, (image, mask) in enumerate(zip(*(map(_bytes_of, table[name].to_pylist()) for name in table.column_names))):
-        yield _pair(f"{key}/{row}", image, mask, None if image and mask else "image or mask is empty")
+        table = pq.read_table(handle, columns=[name for name in (image_column, mask_column) if name])
+    masks = map(_bytes_of, table[mask_column].to_pylist())
+    images = map(_bytes_of, table[image_column].to_pylist()) if image_column else repeat(None)
+    for row, (image, mask) in enumerate(zip(images, masks)):
+        empty = not mask or (image_column and not image)
+        yield _pair(f"{key}/{row}", image, mask, "image or mask is empty" if empty else None)
 
 
 def _bytes_of(value: Any) -> bytes | None:

@@ -5,8 +5,8 @@ every run and in both commands; its rows stay in Ray's object store as blocks, a
 model score one block per call, so that the many passes of a greedy choice load the model once. A *prompt set* is a
 list of indices into an array of prompts (normalised (P, 3, H, W) image and mask tensors); each image is labelled
 with the whole set as one feature-ensembled group, as the labelling job does (`model.predict` with `num_prompts`),
-and compared with its label map at the model's input size. The result is per-class intersection and union pixel
-counts, summed over the images (`pipeline.evaluate.Evaluation` turns them into IoU and mean IoU).
+and compared with its label map at the model's input size. The result is an `Evaluation` per set: the counts of
+`pipeline.metrics.overlap` per validation image, so that a score comes with its spread over the images.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from model import load_model
 from model.processing import build_palette, masks_to_class_ids, normalize
-from pipeline.evaluate import Evaluation
+from pipeline.metrics import Evaluation, overlap
 
 
 def in_validation(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -47,9 +47,10 @@ def _split(batch: dict[str, np.ndarray], *, fraction: float, seed: int, num_labe
 
 
 def scores(evaluation: Evaluation) -> dict[str, Any]:
-    """A set's score as the reports write it: mean IoU, IoU per class (None where it is in neither), images."""
-    return {"mean_iou": evaluation.mean_iou, "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])),
-            "images": evaluation.compared}
+    """A set's score as the reports write it: mean IoU, its 95% bootstrap interval over the images, IoU per class
+    (None where it is in neither), images."""
+    return {"mean_iou": evaluation.mean_iou, "interval": list(evaluation.interval()),
+            "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])), "images": evaluation.compared}
 
 
 def prompt_tensors(images: np.ndarray, labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +79,11 @@ class PromptScorer:
         """One `Evaluation` per set (a list of prompt indices) over the usable rows of `blocks` in that part."""
         results = ray.get([self.actors[i % len(self.actors)].score.remote(block, sets, validation)
                            for i, block in enumerate(blocks)])
-        totals = sum(counts for counts, _ in results)
-        compared = sum(rows for _, rows in results)
-        return [Evaluation(list(self.classes), total[0], total[1], compared=compared) for total in totals]
+        keys = np.concatenate([keys for keys, _ in results])
+        counts = np.concatenate([counts for _, counts in results], axis=1)  # (S, images, 3, C)
+        order = np.argsort(keys, kind="stable")  # blocks come in no fixed order
+        return [Evaluation.of(list(self.classes), dict(zip(keys[order].tolist(), per_set[order])),
+                              compared=len(keys)) for per_set in counts]
 
     def close(self) -> None:
         for actor in self.actors:
@@ -100,15 +103,15 @@ class _Scorer:
 
     @torch.inference_mode()
     def score(self, block: dict[str, np.ndarray], sets: list[list[int]], validation: bool,
-              batch_size: int = 8) -> tuple[np.ndarray, int]:
-        """(S, 2, C) int64: per set and class, the pixels in both truth and labels and in either; and the rows."""
+              batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """The keys of the usable rows in that part, and their `overlap` counts per set: (S, rows, 3, C)."""
         rows = np.flatnonzero((block["error"] == "") & (block["validation"] == validation))
-        counts = np.zeros((len(sets), 2, self.num_labels), np.int64)
+        counts = np.zeros((len(sets), len(rows), 3, self.num_labels), np.int64)
         for start in range(0, len(rows), batch_size):
             chosen = rows[start : start + batch_size]
             n = len(chosen)
             pixels = normalize(torch.from_numpy(block["image"][chosen]).to(self.device), self.dtype)
-            truth = torch.from_numpy(block["labels"][chosen]).to(self.device).long()
+            truth = block["labels"][chosen]
             for s, members in enumerate(sets):
                 k = len(members)
                 pred = self.model.predict(pixels.repeat_interleave(k, dim=0),
@@ -116,12 +119,5 @@ class _Scorer:
                                           self.prompt_masks[members].repeat(n, 1, 1, 1),
                                           num_prompts=k, embedding_type=self.embedding)
                 ids, _ = masks_to_class_ids(pred, self.palette)
-                counts[s] += _overlap(ids.long(), truth, self.num_labels).cpu().numpy()
-        return counts, len(rows)
-
-
-def _overlap(ids: torch.Tensor, truth: torch.Tensor, c: int) -> torch.Tensor:
-    """(n, h, w) predicted and true class ids -> (2, c): per class, pixels in both and pixels in either."""
-    pairs = torch.bincount((truth * c + ids).reshape(-1), minlength=c * c).reshape(c, c)  # [truth, predicted]
-    both = pairs.diagonal()
-    return torch.stack([both, pairs.sum(0) + pairs.sum(1) - both])
+                counts[s, start : start + n] = overlap(truth, ids.cpu().numpy(), self.num_labels)
+        return block["key"][rows].astype(str), counts

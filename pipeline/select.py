@@ -1,13 +1,18 @@
-"""`select-prompts`: choose K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
+"""`select-prompts`: choose up to K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
 
-The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`). The candidates
-are `candidates` usable images of the training part drawn at random, plus for each class the draw lacks the first
-image that shows it. Each step scores every candidate added to the set chosen so far, as one feature-ensembled
-prompt set, on the whole validation part (one pass of the scoring actors over its blocks per step), and keeps the
-one with the highest mean IoU among those after which the remaining steps can still cover every class. The report
-compares each step with the best single candidate and with random sets of K candidates (the mean over
-`random_draws` draws). The chosen prompts are written as a prompt folder (`NAME.png` and `NAME.mask.png` at the
-model's input size: the tensors that were scored) that `prompts.uri` takes, with `report.json` beside them.
+The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`; by default 30% is
+held out, at most about 300 images). The candidates are `candidates` usable images of the training part drawn at
+random, plus for each class the draw lacks the first image that shows it. Each step scores every candidate added to
+the set chosen so far, as one feature-ensembled prompt set, on the whole validation part (one pass of the scoring
+actors over its blocks per step), and takes the one with the highest mean IoU among those after which the remaining
+steps can still cover every class. Every step's score comes with a 95% bootstrap interval over the validation images.
+
+K is the most prompts: the set written is the best step's, or a step with fewer prompts that is not measurably worse
+(the 95% paired-bootstrap interval of the best step's advantage over it reaches 0). The report says which step it
+kept and why, warns when the validation part is too small to tell sets apart, and compares each step with the best
+single candidate and with random sets of K candidates (the mean over `random_draws` draws, per class as overall). The
+kept prompts are written as a prompt folder (`NAME.png` and `NAME.mask.png` at the model's input size: the tensors
+that were scored) that `prompts.uri` takes, with `report.json` beside them.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from PIL import Image
 
 from model import check_checkpoint
 from pipeline.config import absolute_uri
-from pipeline.evaluate import Evaluation
+from pipeline.metrics import Evaluation, bootstrap, class_iou, mean_iou
 from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
 from pipeline.scoring import PromptScorer, prompt_tensors, scores, split_rows
 
 REPORT_FILE = "report.json"
+FEW_VALIDATION_IMAGES = 20  # fewer than this: a warning that the scores cannot tell sets apart
+WIDE_INTERVAL = 0.1  # a kept step's 95% interval wider than this: the same warning
 
 
 class SelectionError(ValueError):
@@ -45,6 +52,8 @@ class Selection:
     random: dict[str, Any]
     counts: dict[str, int]  # training, validation, candidates, skipped
     to: str
+    kept: dict[str, Any] = field(default_factory=dict)  # step, why
+    warnings: list[str] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
@@ -52,17 +61,21 @@ class Selection:
         rows += [(f"best single: {self.best_single['key']}", self.best_single),
                  (f"random {len(self.steps)}-sets (mean of {self.random['draws']})", self.random)]
         width = max(len(label) for label, _ in rows) + 2
-        lines = [f"{'':<{width}}{'mean IoU':>10}" + "".join(f"{name[:12]:>13}" for name in self.classes)]
+        lines = [f"{'':<{width}}{'mean IoU':>10}{'95% interval':>16}" + "".join(f"{name[:12]:>13}" for name in self.classes)]
         for label, row in rows:
-            lines.append(f"{label:<{width}}{row['mean_iou']:>10.3f}"
+            interval = row.get("interval")
+            spread = f"{interval[0]:.3f}..{interval[1]:.3f}" if interval else ""
+            lines.append(f"{label:<{width}}{row['mean_iou']:>10.3f}{spread:>16}"
                          + "".join(f"{_cell(row['iou'].get(name)):>13}" for name in self.classes))
         return "\n".join(lines)
 
     def __str__(self) -> str:
         c = self.counts
+        warnings = "".join(f"\nwarning: {warning}" for warning in self.warnings)
         return (f"{self.table()}\nvalidation images {c['validation']}, training images {c['training']}, candidates "
-                f"{c['candidates']}, unusable pairs skipped {c['skipped']}\nprompt folder: {self.to} "
-                f"(prompts.uri; report: {self.to.rstrip('/')}/{REPORT_FILE})")
+                f"{c['candidates']}, unusable pairs skipped {c['skipped']}\nkept step {self.kept['step']}: "
+                f"{self.kept['why']}{warnings}\nprompt folder: {self.to} ({len(self.names)} prompts, for "
+                f"prompts.uri; report: {self.to.rstrip('/')}/{REPORT_FILE})")
 
 
 def _cell(value: float | None) -> str:
@@ -76,7 +89,7 @@ def select_prompts(
     classes: tuple[str, ...],
     k: int,
     to: str,
-    val_fraction: float = 0.25,
+    val_fraction: float | None = None,
     candidates: int = 32,
     random_draws: int = 5,
     seed: int = 0,
@@ -86,11 +99,12 @@ def select_prompts(
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Selection:
-    """Choose `k` prompts for `classes` from the pool at `pool_uri` and write them as a prompt folder at `to`."""
+    """Choose up to `k` prompts for `classes` from the pool at `pool_uri` and write them as a prompt folder at `to`.
+    `val_fraction` None: 0.3 of the pool, at most about 300 images."""
     options = storage_options or {}
     pool_uri = absolute_uri(pool_uri) if isinstance(pool_uri, str) else tuple(map(absolute_uri, pool_uri))
     checkpoint, to = absolute_uri(checkpoint), absolute_uri(to)
-    if k < 1 or candidates < k or not 0 < val_fraction < 1:
+    if k < 1 or candidates < k or not (val_fraction is None or 0 < val_fraction < 1):
         raise SelectionError(f"need 1 <= k <= candidates and 0 < val_fraction < 1, got k={k}, "
                              f"candidates={candidates}, val_fraction={val_fraction}")
     size = check_checkpoint(checkpoint, storage_options=options).input_size
@@ -98,8 +112,10 @@ def select_prompts(
     items = labelled_pairs(source, options, len(classes))
     if not ray.is_initialized():
         ray.init(configure_logging=False)
-    blocks = split_rows(read_labelled(items, source, options, size, len(classes)), val_fraction, seed,
-                        len(classes) + 1).materialize().to_numpy_refs()
+    rows = read_labelled(items, source, options, size, len(classes)).materialize()
+    val_fraction = val_fraction or default_val_fraction(rows.count())
+    blocks = split_rows(rows, val_fraction, seed, len(classes) + 1).materialize().to_numpy_refs()
+    del rows
     keys, where, validation, present, skipped = _index(blocks)
     train = np.flatnonzero(~validation)
     if not validation.any() or len(train) < k:
@@ -117,7 +133,7 @@ def select_prompts(
         scored = scorer.score(blocks, [[i] for i in range(len(pool))] + draws, validation=True)
         singles, random = scored[: len(pool)], scored[len(pool):]
         chosen: list[int] = []
-        steps = []
+        steps, step_scores = [], []
         need = frozenset(range(1, len(classes) + 1))
         for step in range(k):
             covered = frozenset().union(*(shows[i] for i in chosen))
@@ -130,22 +146,29 @@ def select_prompts(
                 blocks, [chosen + [i] for i in allowed], validation=True)
             best, evaluation = max(zip(allowed, evaluations), key=lambda pair: pair[1].mean_iou)
             chosen.append(best)
+            step_scores.append(evaluation)
             steps.append({"step": step + 1, "key": str(keys[pool[best]]), **scores(evaluation)})
             log(f"select-prompts: step {step + 1}/{k}: + {keys[pool[best]]}, mean IoU {evaluation.mean_iou:.3f}")
     finally:
         scorer.close()
+    kept = keep_step(step_scores, seed)
+    chosen = chosen[: kept["step"]]
     best_single = max(range(len(pool)), key=lambda i: singles[i].mean_iou)
     names = _write_prompts(to, [keys[pool[i]] for i in chosen], images[chosen], labels[chosen], options)
     selection = Selection(
-        names=names, steps=steps, classes=list(classes), to=to,
+        names=names, steps=steps, classes=list(classes), to=to, kept=kept,
+        warnings=_warnings(step_scores[kept["step"] - 1], int(validation.sum())),
         best_single={"key": str(keys[pool[best_single]]), **scores(singles[best_single])},
-        random={"draws": random_draws, **_mean_scores(random)},
+        random={"draws": random_draws, **_mean_scores(random, [[str(keys[pool[i]]) for i in draw] for draw in draws])},
         counts={"training": len(train), "validation": int(validation.sum()), "candidates": len(pool),
                 "skipped": skipped},
     )
+    for warning in selection.warnings:
+        log(f"select-prompts: warning: {warning}")
     report = {"pool": pool_uri, "checkpoint": checkpoint, "classes": list(classes), "k": k, "seed": seed,
-              "val_fraction": val_fraction, "embedding": embedding, "chosen": names, "steps": steps,
-              "best_single": selection.best_single, "random": selection.random, "counts": selection.counts}
+              "val_fraction": val_fraction, "embedding": embedding, "chosen": names, "kept": kept,
+              "warnings": selection.warnings, "steps": steps, "best_single": selection.best_single,
+              "random": selection.random, "counts": selection.counts}
     fs, root = fsspec.core.url_to_fs(to, **options)
     fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
     return selection
@@ -198,12 +221,47 @@ def _can_cover(covered: frozenset, slots: int, shows: list[frozenset], need: fro
     return need in reachable
 
 
-def _mean_scores(evaluations: list[Evaluation]) -> dict[str, Any]:
+def default_val_fraction(pool_images: int) -> float:
+    """The held-out share when none is asked for: 0.3, or about 300 images of a pool over 1000."""
+    return min(0.3, 300 / max(pool_images, 1))
+
+
+def keep_step(evaluations: list[Evaluation], seed: int) -> dict[str, Any]:
+    """Which step's set to write (1-based) and why: the best step's, or the fewest prompts not measurably worse (the
+    95% paired-bootstrap interval of the best's advantage over it, on the same validation images, reaches 0)."""
+    best = int(np.argmax([evaluation.mean_iou for evaluation in evaluations]))  # the first of equals
+    top = np.stack(list(evaluations[best].per_image.values()))
+    for step in range(best):
+        low, high = bootstrap(top, paired=np.stack(list(evaluations[step].per_image.values())), seed=seed)
+        if low <= 0:
+            return {"step": step + 1, "why": (
+                f"fewer prompts, and not measurably worse than step {best + 1}'s best score "
+                f"{evaluations[best].mean_iou:.3f} (its advantage, 95% interval {low:+.3f}..{high:+.3f}, reaches 0)")}
+    later = "" if best == len(evaluations) - 1 else "; later steps scored lower"
+    fewer = "; every step before it scored measurably lower" if best else ""
+    return {"step": best + 1, "why": f"the highest validation mean IoU, {evaluations[best].mean_iou:.3f}{fewer}{later}"}
+
+
+def _warnings(kept: Evaluation, validation_images: int) -> list[str]:
+    low, high = kept.interval()
+    if validation_images >= FEW_VALIDATION_IMAGES and high - low <= WIDE_INTERVAL:
+        return []
+    return [f"{validation_images} validation images: the kept set's mean IoU is {kept.mean_iou:.3f} with a 95% "
+            f"interval of {low:.3f}..{high:.3f}, too wide to tell the candidates apart; a larger pool or "
+            f"--val-fraction gives a choice worth more"]
+
+
+def _mean_scores(evaluations: list[Evaluation], prompts: list[list[str]]) -> dict[str, Any]:
+    """The random sets' scores: overall and per class, each the mean over the draws of a draw's own (a class a draw
+    has in neither truth nor labels leaves that draw out of the class's mean), and each draw's."""
     names = evaluations[0].classes[1:]
-    per_class = {name: [e.iou[c] for e in evaluations if e.iou[c] is not None] for c, name in enumerate(names, 1)}
-    return {"mean_iou": float(np.mean([e.mean_iou for e in evaluations])),
-            "draws_mean_iou": [e.mean_iou for e in evaluations],
-            "iou": {name: float(np.mean(values)) if values else None for name, values in per_class.items()}}
+    per_class = np.array([class_iou(evaluation.counts)[1:] for evaluation in evaluations])  # (draws, classes)
+    means = [float(mean_iou(evaluation.counts)) for evaluation in evaluations]
+    counted = (~np.isnan(per_class)).sum(0)
+    class_means = np.where(counted > 0, np.nansum(per_class, 0) / np.maximum(counted, 1), np.nan)
+    return {"mean_iou": float(np.mean(means)), "draws_mean_iou": means,
+            "iou": {name: None if np.isnan(value) else float(value) for name, value in zip(names, class_means)},
+            "sets": [{"prompts": keys, **scores(evaluation)} for keys, evaluation in zip(prompts, evaluations)]}
 
 
 def _write_prompts(to: str, keys: list[str], images: np.ndarray, labels: np.ndarray,

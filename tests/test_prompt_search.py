@@ -21,7 +21,9 @@ from model import load_model
 from model.processing import (build_palette, decode_png, masks_to_class_ids, prepare_image, prepare_mask,
                               upsample_class_map)
 from pipeline.job import autolabel
+from pipeline.metrics import Evaluation
 from pipeline.prompts import tuned_prompt_bytes
+from pipeline.select import default_val_fraction, keep_step
 from pipeline.synthetic import random_task, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +80,7 @@ def _mean_iou(images: torch.Tensor, masks: torch.Tensor, local: Path, keys: list
     return float(np.mean([inter[c] / union[c] for c in range(1, 4) if union[c]]))
 
 
-def test_select_prompts_beats_random_sets_and_the_best_single_prompt(pool, ray_session, capsys):
+def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_best_single(pool, ray_session, capsys):
     uri, options, local = pool
     assert cli(["select-prompts", uri, "--checkpoint", str(CHECKPOINT), "--k", "3", "--classes", ",".join(CLASSES),
                 "--val-fraction", str(VAL_FRACTION), "--candidates", "8", "--random-draws", "4",
@@ -87,19 +89,32 @@ def test_select_prompts_beats_random_sets_and_the_best_single_prompt(pool, ray_s
     assert "step 3: + img" in printed and "best single: img" in printed and "random 3-sets (mean of 4)" in printed
     fs = s3fs.S3FileSystem(**options)
     report = json.loads(fs.cat_file("pool/selected/report.json"))
-    chosen = report["steps"][-1]["mean_iou"]
+    steps, kept = report["steps"], report["kept"]["step"]
+    assert len(steps) == 3 and all(step["interval"][0] <= step["mean_iou"] <= step["interval"][1] for step in steps)
+    # On this pool adding a third prompt lowers the score: the set written is the best step's, never the last one.
+    scores_by_step = [step["mean_iou"] for step in steps]
+    assert scores_by_step[2] < scores_by_step[1] and kept == 2 == 1 + int(np.argmax(scores_by_step))
+    assert f"kept step 2: the highest validation mean IoU, {scores_by_step[1]:.3f}" in printed
+    chosen = steps[kept - 1]["mean_iou"]
     assert chosen > report["random"]["mean_iou"] and chosen > report["best_single"]["mean_iou"]
     assert len(report["random"]["draws_mean_iou"]) == 4 and report["counts"]["validation"] == len(_validation_keys(local))
+    # 13 validation images: too few to tell the candidates apart, and it says so
+    assert report["warnings"] and "13 validation images" in report["warnings"][0] and "warning: 13" in printed
+    # The random baseline per class is the mean over the draws of each draw's own class IoU, as its mean IoU is
+    sets = report["random"]["sets"]
+    assert report["random"]["mean_iou"] == pytest.approx(np.mean([draw["mean_iou"] for draw in sets]))
+    for name in CLASSES:
+        assert report["random"]["iou"][name] == pytest.approx(np.mean([draw["iou"][name] for draw in sets]))
 
-    # The prompt folder written: three pairs that together show every class, whose validation mean IoU, run here
-    # through the model package on the keys held out by the rule, is the one reported.
+    # The prompt folder written: the kept steps' pairs, whose validation mean IoU, run here through the model package
+    # on the keys held out by the rule, is the one reported.
     names = report["chosen"]
-    assert len(names) == 3 and sorted(fs.ls("pool/selected", detail=False)) == sorted(
+    assert [name.split("-", 1)[1] + ".png" for name in names] == [step["key"] for step in steps[:kept]]
+    assert sorted(fs.ls("pool/selected", detail=False)) == sorted(
         [f"pool/selected/{name}{suffix}" for name in names for suffix in (".png", ".mask.png")]
         + ["pool/selected/report.json"])
     images, labels = ([np.asarray(Image.open(io.BytesIO(fs.cat_file(f"pool/selected/{name}{suffix}"))))
                        for name in names] for suffix in (".png", ".mask.png"))
-    assert set(np.unique(np.concatenate([label.ravel() for label in labels]))) == {0, 1, 2, 3}
     for name, image, label in zip(names, images, labels):  # the pool's own pixels
         key = name.split("-", 1)[1]
         assert np.array_equal(image, np.asarray(Image.open(local / f"{key}.png")))
@@ -107,6 +122,30 @@ def test_select_prompts_beats_random_sets_and_the_best_single_prompt(pool, ray_s
     prompt_images = torch.stack([_normalised(image) for image in images])
     prompt_masks = torch.stack([_normalised(PALETTE[label]) for label in labels])
     assert _mean_iou(prompt_images, prompt_masks, local, _validation_keys(local)) == pytest.approx(chosen, abs=1e-9)
+
+
+def _evaluation(per_image: list[list[int]]) -> Evaluation:
+    """An `Evaluation` of one foreground class from per-image (intersection, union) pixel counts."""
+    counts = {f"k{i}": np.array([[0, both], [0, either], [0, either]]) for i, (both, either) in enumerate(per_image)}
+    return Evaluation.of(["background", "a"], counts, compared=len(counts))
+
+
+def test_keep_step_takes_fewer_prompts_only_within_noise():
+    rng = np.random.default_rng(0)
+    base = [[int(b), 100] for b in rng.integers(40, 60, 30)]
+    same = [[b + change, u] for (b, u), change in zip(base, [3, 3, -2, -2] + [0] * 26)]  # a hair better: noise
+    better = [[b + 20, u] for b, u in base]  # 20 more on every image: measurably better
+    worse = [[b - 30, u] for b, u in base]
+    assert keep_step([_evaluation(base), _evaluation(better), _evaluation(worse)], seed=0)["step"] == 2
+    assert _evaluation(same).mean_iou > _evaluation(base).mean_iou
+    tied = keep_step([_evaluation(base), _evaluation(same), _evaluation(worse)], seed=0)
+    assert tied["step"] == 1 and "not measurably worse than step 2" in tied["why"]
+    # the hand-computed means: every image's union is 100, so the mean IoU is the summed intersections over 3000
+    assert _evaluation(better).mean_iou == pytest.approx(sum(b for b, _ in better) / 3000)
+
+
+def test_default_validation_share_for_pools_of_10_to_10000():
+    assert [round(default_val_fraction(n) * n) for n in (10, 100, 1000, 10_000)] == [3, 30, 300, 300]
 
 
 def test_tune_raises_training_miou_keeps_validation_and_resumes(pool, ray_session, tmp_path, capsys):
