@@ -4,7 +4,8 @@ accuracy, and the same per image (`pipeline.metrics` holds the arithmetic and it
 The truth (local or any fsspec URL) is in any layout of a labelled pool, keyed as the job keys its inputs:
 - loose label maps: for key `K`, `STEM.mask.png` (the mask of a PNG image `STEM.png`), `K.png` (as the job writes
   `masks/K.png`), or `STEM.png` (a mask beside its image `STEM.jpg`). A file that is an input image (`STEM.png` beside
-  its `STEM.mask.png`, or any non-PNG image) is never read as truth, nor is the key's own file;
+  its `STEM.mask.png`, or any non-PNG image) is never read as truth, and an RGB PNG where a label map should be
+  makes its image unusable;
 - WebDataset `.tar` shards with mask members (`0001.jpg` + `0001.seg.png`: key `shard.tar/0001.jpg`) and Parquet
   shards with a mask column (key `shard.parquet/ROW`), read by `pipeline.labelled`'s reader (masks only; the shards'
   masks are held as PNG bytes while the labels are scored).
@@ -68,8 +69,7 @@ class Truth:
         if key in self.shards:
             return key
         stem = posixpath.splitext(key)[0]
-        return next((name for name in (f"{stem}.mask.png", f"{key}.png", f"{stem}.png")
-                     if name in self.sources and name != key), None)
+        return next((name for name in (f"{stem}.mask.png", f"{key}.png", f"{stem}.png") if name in self.sources), None)
 
     def read(self, name: str) -> np.ndarray:
         """The label map of a truth name; UnusableTruth when it is not one."""

@@ -24,23 +24,36 @@ from model.processing import build_palette, masks_to_class_ids, normalize
 from pipeline.metrics import Evaluation, overlap
 
 
-def in_validation(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """bool per key: whether it belongs to the validation part (a hash of seed and key below `fraction`)."""
-    def share(key: str) -> float:
-        return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+def _share(key: str, seed: int) -> float:
+    """Where a key falls in [0, 1): a hash of seed and key."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
-    return np.array([share(str(key)) < fraction for key in keys], dtype=bool)
+
+def validation_bound(keys: list[str], fraction: float, seed: int) -> float:
+    """The share below which a key is held out: exactly round(fraction * len(keys)) keys are (at least 1, and at most
+    all but one), the keys of smallest hash share; the same keys in every run over the same pool."""
+    shares = np.sort([_share(key, seed) for key in keys])
+    count = min(max(round(fraction * len(shares)), 1), len(shares) - 1)
+    return float(shares[count]) if count > 0 else 0.0
+
+
+def in_validation(keys: np.ndarray, bound: float, seed: int) -> np.ndarray:
+    """bool per key: whether it belongs to the validation part (its hash share below `validation_bound`'s)."""
+    return np.array([_share(str(key), seed) < bound for key in keys], dtype=bool)
 
 
 def split_rows(rows: ray.data.Dataset, fraction: float, seed: int, num_labels: int) -> ray.data.Dataset:
-    """`read_labelled` rows plus `validation` (bool) and `present` (uint8 (num_labels,): 1 where a class occurs)."""
+    """`read_labelled` rows (materialized: their keys are read first) plus `validation` (bool: `fraction` of the keys,
+    by `validation_bound`) and `present` (uint8 (num_labels,): 1 where a class occurs)."""
+    keys = [row["key"] for row in rows.select_columns(["key"]).iter_rows()]
+    bound = validation_bound(keys, fraction, seed)
     return rows.map_batches(_split, batch_size=None, batch_format="numpy", num_cpus=0.5,
-                            fn_kwargs={"fraction": fraction, "seed": seed, "num_labels": num_labels})
+                            fn_kwargs={"bound": bound, "seed": seed, "num_labels": num_labels})
 
 
-def _split(batch: dict[str, np.ndarray], *, fraction: float, seed: int, num_labels: int) -> dict[str, np.ndarray]:
+def _split(batch: dict[str, np.ndarray], *, bound: float, seed: int, num_labels: int) -> dict[str, np.ndarray]:
     labels = batch["labels"].reshape(len(batch["key"]), -1)
-    batch["validation"] = in_validation(batch["key"], fraction, seed)
+    batch["validation"] = in_validation(batch["key"], bound, seed)
     batch["present"] = np.stack([np.bincount(row, minlength=num_labels)[:num_labels] > 0 for row in labels]
                                 ).astype(np.uint8) if len(labels) else np.zeros((0, num_labels), np.uint8)
     return batch

@@ -1,7 +1,7 @@
 """`select-prompts`: choose up to K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
 
-The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.in_validation`; by default 30% is
-held out, at most about 300 images). The candidates are `candidates` usable images of the training part drawn at
+The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.validation_bound`: by default 30%
+is held out, at most about 300 images, exactly that share of the keys). The candidates are `candidates` usable images of the training part drawn at
 random, plus for each class the draw lacks the first image that shows it. Each step scores every candidate added to
 the set chosen so far, as one feature-ensembled prompt set, on the whole validation part (one pass of the scoring
 actors over its blocks per step), and takes the one with the highest mean IoU among those after which the remaining
@@ -144,7 +144,7 @@ def select_prompts(
                                      f"--candidates")
             evaluations = [singles[i] for i in allowed] if step == 0 else scorer.score(
                 blocks, [chosen + [i] for i in allowed], validation=True)
-            best, evaluation = max(zip(allowed, evaluations), key=lambda pair: pair[1].mean_iou)
+            best, evaluation = max(zip(allowed, evaluations), key=lambda pair: _rank(pair[1]))
             chosen.append(best)
             step_scores.append(evaluation)
             steps.append({"step": step + 1, "key": str(keys[pool[best]]), **scores(evaluation)})
@@ -153,7 +153,7 @@ def select_prompts(
         scorer.close()
     kept = keep_step(step_scores, seed)
     chosen = chosen[: kept["step"]]
-    best_single = max(range(len(pool)), key=lambda i: singles[i].mean_iou)
+    best_single = max(range(len(pool)), key=lambda i: _rank(singles[i]))
     names = _write_prompts(to, [keys[pool[i]] for i in chosen], images[chosen], labels[chosen], options)
     selection = Selection(
         names=names, steps=steps, classes=list(classes), to=to, kept=kept,
@@ -229,7 +229,9 @@ def default_val_fraction(pool_images: int) -> float:
 def keep_step(evaluations: list[Evaluation], seed: int) -> dict[str, Any]:
     """Which step's set to write (1-based) and why: the best step's, or the fewest prompts not measurably worse (the
     95% paired-bootstrap interval of the best's advantage over it, on the same validation images, reaches 0)."""
-    best = int(np.argmax([evaluation.mean_iou for evaluation in evaluations]))  # the first of equals
+    best = int(np.argmax([_rank(evaluation) for evaluation in evaluations]))  # the first of equals
+    if np.isnan(evaluations[best].mean_iou):
+        return {"step": 1, "why": "no step could be scored: no class shows in the validation images' truth or labels"}
     top = np.stack(list(evaluations[best].per_image.values()))
     for step in range(best):
         low, high = bootstrap(top, paired=np.stack(list(evaluations[step].per_image.values())), seed=seed)
@@ -242,9 +244,14 @@ def keep_step(evaluations: list[Evaluation], seed: int) -> dict[str, Any]:
     return {"step": best + 1, "why": f"the highest validation mean IoU, {evaluations[best].mean_iou:.3f}{fewer}{later}"}
 
 
+def _rank(evaluation: Evaluation) -> float:
+    """A set's mean IoU for choosing; one that could not be scored (NaN) ranks last."""
+    return -np.inf if np.isnan(evaluation.mean_iou) else evaluation.mean_iou
+
+
 def _warnings(kept: Evaluation, validation_images: int) -> list[str]:
     low, high = kept.interval()
-    if validation_images >= FEW_VALIDATION_IMAGES and high - low <= WIDE_INTERVAL:
+    if validation_images >= FEW_VALIDATION_IMAGES and high - low <= WIDE_INTERVAL:  # NaN (unscored) compares False
         return []
     return [f"{validation_images} validation images: the kept set's mean IoU is {kept.mean_iou:.3f} with a 95% "
             f"interval of {low:.3f}..{high:.3f}, too wide to tell the candidates apart; a larger pool or "

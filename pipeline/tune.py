@@ -102,8 +102,8 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
 
     if not ray.is_initialized():
         ray.init(configure_logging=False)
-    rows = split_rows(read_labelled(items, source, options, size, len(chosen.classes)), data.val_fraction, data.seed,
-                      len(chosen.classes) + 1).materialize()
+    pool = read_labelled(items, source, options, size, len(chosen.classes)).materialize()
+    rows = split_rows(pool, data.val_fraction, data.seed, len(chosen.classes) + 1).materialize()
     # materialized, so that feeding the workers takes no CPU that they hold (a worker may take every CPU of a node)
     train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5).materialize()
     gpus = config.compute.gpus_per_worker

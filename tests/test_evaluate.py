@@ -221,3 +221,14 @@ def test_webdataset_and_parquet_truth_with_other_mask_names(tmp_path):
     assert plain.compared == 0 and set(plain.unusable) == {*keys[:3], "table.parquet"}  # a sample, or the shard
     assert plain.unusable["shard.tar/0000.jpg"] == "truth: no seg.png member"
     assert "mask" in plain.unusable["table.parquet"] and plain.without_truth == 1  # table.parquet/0
+
+
+def test_png_images_scored_against_a_folder_of_masks_named_like_them(tmp_path):
+    """Inputs `q0.png`, `q1.png`; truth in a folder of its own, `q0.png`, `q1.png` (label maps), as a dataset's mask
+    folder names them: each key's truth is the label map of its name, not the image."""
+    rng = np.random.default_rng(3)
+    maps = {f"q{i}.png": rng.integers(0, 3, (5, 6)).astype(np.uint8) for i in range(2)}
+    put(str(tmp_path / "truth"), {}, {name: png(labels) for name, labels in maps.items()})
+    make_output(str(tmp_path / "out"), {}, [labelled(name, labels) for name, labels in maps.items()])
+    scores = evaluate(str(tmp_path / "out"), str(tmp_path / "truth"))
+    assert scores.compared == 2 and scores.mean_iou == 1.0 and not scores.missing

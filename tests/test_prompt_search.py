@@ -52,11 +52,13 @@ def pool(tmp_path_factory, s3_server) -> tuple[str, dict, Path]:
 
 
 def _validation_keys(local: Path) -> list[str]:
-    """The held-out keys, computed here from the rule (sha256 of "seed:key" below the fraction)."""
+    """The held-out keys, computed here from the rule: the fraction of the keys (rounded) whose sha256 of "seed:key"
+    is smallest."""
     def share(key: str) -> float:
         return int.from_bytes(hashlib.sha256(f"{SEED}:{key}".encode()).digest()[:8], "big") / 2**64
 
-    return [path.name for path in sorted(local.glob("img???.png")) if share(path.name) < VAL_FRACTION]
+    names = [path.name for path in sorted(local.glob("img???.png"))]
+    return sorted(sorted(names, key=share)[: round(VAL_FRACTION * len(names))])
 
 
 def _normalised(pixels: np.ndarray) -> torch.Tensor:
@@ -91,15 +93,15 @@ def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_bes
     report = json.loads(fs.cat_file("pool/selected/report.json"))
     steps, kept = report["steps"], report["kept"]["step"]
     assert len(steps) == 3 and all(step["interval"][0] <= step["mean_iou"] <= step["interval"][1] for step in steps)
-    # On this pool adding a third prompt lowers the score: the set written is the best step's, never the last one.
+    # The step kept is the best one (here the third, measurably above the others)
     scores_by_step = [step["mean_iou"] for step in steps]
-    assert scores_by_step[2] < scores_by_step[1] and kept == 2 == 1 + int(np.argmax(scores_by_step))
-    assert f"kept step 2: the highest validation mean IoU, {scores_by_step[1]:.3f}" in printed
+    assert kept == 1 + int(np.argmax(scores_by_step)) and "every step before it scored measurably lower" in printed
+    assert f"kept step {kept}: the highest validation mean IoU, {max(scores_by_step):.3f}" in printed
     chosen = steps[kept - 1]["mean_iou"]
     assert chosen > report["random"]["mean_iou"] and chosen > report["best_single"]["mean_iou"]
     assert len(report["random"]["draws_mean_iou"]) == 4 and report["counts"]["validation"] == len(_validation_keys(local))
-    # 13 validation images: too few to tell the candidates apart, and it says so
-    assert report["warnings"] and "13 validation images" in report["warnings"][0] and "warning: 13" in printed
+    # 16 validation images: too few to tell the candidates apart, and it says so
+    assert report["warnings"] and "16 validation images" in report["warnings"][0] and "warning: 16" in printed
     # The random baseline per class is the mean over the draws of each draw's own class IoU, as its mean IoU is
     sets = report["random"]["sets"]
     assert report["random"]["mean_iou"] == pytest.approx(np.mean([draw["mean_iou"] for draw in sets]))
@@ -122,6 +124,19 @@ def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_bes
     prompt_images = torch.stack([_normalised(image) for image in images])
     prompt_masks = torch.stack([_normalised(PALETTE[label]) for label in labels])
     assert _mean_iou(prompt_images, prompt_masks, local, _validation_keys(local)) == pytest.approx(chosen, abs=1e-9)
+
+    # With --k 2 on this pool the second prompt lowers the score: the set written is step 1's alone, never step 2's.
+    assert cli(["select-prompts", uri, "--checkpoint", str(CHECKPOINT), "--k", "2", "--classes", ",".join(CLASSES),
+                "--val-fraction", str(VAL_FRACTION), "--candidates", "8", "--random-draws", "1",
+                "--seed", str(SEED), "--to", "s3://pool/selected2", "--storage-options", json.dumps(options)]) == 0
+    report = json.loads(fs.cat_file("pool/selected2/report.json"))
+    first, second = (step["mean_iou"] for step in report["steps"])
+    assert second < first and report["kept"] == {"step": 1, "why": f"the highest validation mean IoU, {first:.3f}; "
+                                                                     "later steps scored lower"}
+    assert report["chosen"] == ["1-" + report["steps"][0]["key"].removesuffix(".png")]
+    name = report["chosen"][0]
+    assert sorted(fs.ls("pool/selected2", detail=False)) == [
+        f"pool/selected2/{name}.mask.png", f"pool/selected2/{name}.png", "pool/selected2/report.json"]
 
 
 def _evaluation(per_image: list[list[int]]) -> Evaluation:
