@@ -3,10 +3,10 @@ prompts, or run the bundled demo.
 
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
-    seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--json URI] [--storage-options JSON]
+    seggpt-autolabel evaluate --labels OUTPUT_URI --truth URI [--ignore-index 255|none] [--lowest N] [--json URI]
     seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
     seggpt-autolabel review OUTPUT_URI [--sample N] [--lowest N] [--class NAME] [--to URI]
-    seggpt-autolabel select-prompts POOL_URI --checkpoint URI --k K --classes a,b [--val-fraction F] [--to URI]
+    seggpt-autolabel select-prompts POOL_URI --checkpoint URI --k MAX --classes a,b [--val-fraction F] [--to URI]
     seggpt-autolabel tune CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel demo [--output DIR]
 
