@@ -99,7 +99,11 @@ def evaluate(labels_uri: str, truth_uri: str, *, storage_options: dict[str, Any]
     `_job.json` unless given; `mask_field` and `mask_column` name the masks of WebDataset and Parquet truth."""
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(labels_uri, **options)
-    classes = list(classes or json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))["classes"])
+    if classes is None:
+        if not fs.exists(f"{root}/{JOB_FILE}"):
+            raise InputError(f"--labels {labels_uri}: no {JOB_FILE} there (not a job's output)")
+        classes = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))["classes"]
+    classes = list(classes)
     truth = Truth(truth_uri, options, mask_field=mask_field, mask_column=mask_column)
     scoring = _Scoring(Evaluation(classes, np.zeros((3, len(classes)), np.int64), ignore_index=ignore_index))
     seen: set[str] = set()

@@ -232,3 +232,8 @@ def test_png_images_scored_against_a_folder_of_masks_named_like_them(tmp_path):
     make_output(str(tmp_path / "out"), {}, [labelled(name, labels) for name, labels in maps.items()])
     scores = evaluate(str(tmp_path / "out"), str(tmp_path / "truth"))
     assert scores.compared == 2 and scores.mean_iou == 1.0 and not scores.missing
+
+
+def test_an_output_that_is_not_there_is_refused(tmp_path, capsys):
+    assert cli(["evaluate", "--labels", str(tmp_path / "nothing"), "--truth", str(tmp_path)]) == 2
+    assert "--labels" in capsys.readouterr().err
