@@ -10,9 +10,10 @@ prompts, or run the bundled demo.
     seggpt-autolabel tune CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel demo [--output DIR]
 
-Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason when it could not run;
-3 with a one-line reason naming the URI when storage stayed unreachable past `storage.retry_s` (what was written
-before stays valid: run it again to resume).
+Exit code 0 when the job finished (even with per-image errors); 2 with a one-line reason naming the key or file when
+it was refused before any work; 3 with a one-line reason naming the URI when storage stayed unreachable past
+`storage.retry_s` (what was written before stays valid: run it again to resume); 1 with a traceback when anything
+else stopped it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from pipeline.train import train
 from pipeline.tune import tune
 
 DEMO = Path(__file__).parent / "demo"
+# What each command checks before any work: exit 2. Nothing raised once the work has started is among them (a file
+# gone mid-run is an error row, or exit 1 with its traceback).
 _REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, ReviewError,
-             SelectionError, FileNotFoundError)
+             SelectionError)
 
 
 def demo_config(output: str) -> dict:

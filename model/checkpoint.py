@@ -150,6 +150,10 @@ def _read_folder(fs: fsspec.AbstractFileSystem, folder: str, uri: str, header_on
     if fs.exists(index_path):
         with fs.open(index_path, "r") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [shard for shard in shards if not fs.exists(posixpath.join(folder, shard))]
+        if missing:
+            raise CheckpointError(f"{uri}: model.safetensors.index.json names shards that are not there: "
+                                  + ", ".join(missing))
         return {
             key: value
             for shard in shards

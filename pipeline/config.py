@@ -3,8 +3,8 @@
 `load_config` reads a YAML file (or takes an already-parsed dict), applies `--set section.key=value`
 overrides and checks every key and type. Every problem is a `ConfigError` whose message starts with
 the dotted key, e.g. ``compute.batch_size: expected int, got 'x'`` or ``input.fromat: unknown key``.
-`auto` values (`model.dtype`, `compute.gpus_per_actor`) are kept as given: they are resolved later,
-against the cluster the job runs on.
+`auto` values (`model.dtype`, `model.attention`, `compute.gpus_per_actor`) are kept as given: they are resolved
+later, against the cluster the job runs on (`pipeline.job.resolve_compute`).
 """
 
 from __future__ import annotations
@@ -198,6 +198,9 @@ class ComputeConfig:
     gpus_per_actor: str | float = _option(_gpus, "auto")
     cpus_per_actor: float = _option(_number, 1.0)
     cpus_per_task: float = _option(_number, 1.0)  # each preprocess and postprocess task (decode, resize, PNG)
+    # with `auto` (gpus_per_actor, dtype) on a cluster without GPUs whose autoscaler reports no GPU node types: how
+    # long to wait for a GPU node to join before settling on the CPU
+    gpu_wait_s: float = _option(_number, 0.0)
 
 
 @dataclass(frozen=True)

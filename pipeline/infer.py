@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from model import load_model
+from model.seggpt import Attention
 from model.processing import class_scores, masks_to_class_ids, normalize
 from pipeline.prompts import PromptSet
 from pipeline.storage import Retry, StorageUnavailable
+from pipeline.write import RAN_COLUMNS
 
 
 class SegGptPredictor:
-    """`map_batches` callable class. Adds `class_map` (model resolution), `score` and `class_scores`, drops `pixels`.
+    """`map_batches` callable class. Adds `class_map` (model resolution), `score` and `class_scores`, drops `pixels`,
+    and says what made the labels in `RAN_COLUMNS`: the device, dtype and attention backend the model ran with.
 
     Every image runs with all K prompts of the set as one feature-ensembled group, so a batch of n images is
     n * K model rows. `score` is the mean per-pixel confidence (see `masks_to_class_ids`), `class_scores` (one per
@@ -25,19 +27,21 @@ class SegGptPredictor:
     memory for reuse, sparing a page fault per page of every fresh tensor. A checkpoint that storage cannot give
     within the retry budget fails the first batch, not the constructor: Ray reports a constructor's error only as a
     dead actor, a batch's error whole.
+    The prompt set comes by value, not as a reference to the driver's object store: a restarted actor runs its
+    constructor again with the arguments it was created with, and a referenced object may be gone by then
+    (ray-project/ray#53727).
     """
 
     def __init__(
         self,
         checkpoint: str,
-        prompts: ray.ObjectRef,
+        prompt_set: PromptSet,
         *,
         dtype: str,
         attention: str,
         storage_options: dict[str, Any],
         retry: Retry,
     ) -> None:
-        prompt_set: PromptSet = ray.get(prompts)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.failure: StorageUnavailable | None = None
         try:
@@ -50,6 +54,8 @@ class SegGptPredictor:
             return
         self.model.set_attention(attention)
         self.dtype = self.model.pos_embed.dtype
+        backend = next(module.backend for module in self.model.modules() if isinstance(module, Attention))
+        self.ran = dict(zip(RAN_COLUMNS, (self.device.type, str(self.dtype).removeprefix("torch."), backend)))
         self.prompt_images, self.prompt_masks = (part.to(self.device, self.dtype) for part in prompt_set.tensors())
         self.palette = torch.from_numpy(prompt_set.palette).to(self.device)
         self.embedding = prompt_set.embedding
@@ -72,6 +78,8 @@ class SegGptPredictor:
         batch["class_map"] = class_map
         batch["score"] = score
         batch["class_scores"] = scores
+        for name, value in self.ran.items():
+            batch[name] = np.full(len(pixels), value)
         return batch
 
     @torch.inference_mode()

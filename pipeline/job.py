@@ -1,8 +1,9 @@
 """The auto-labelling job: read → preprocess → infer → postprocess → write, on Ray Data.
 
-Everything that can refuse a run is checked before the output is touched and before Ray starts: config,
-prompt set, checkpoint (in `plan`), the input listing (also in `plan`), the output's lease and, on a
-resume, the model and prompt set that made the labels already there (in `autolabel`).
+Everything that can refuse a run is checked before the output is touched: config, prompt set, checkpoint
+and the input listing (in `plan`, before Ray starts), the output's lease and, on a resume, the model,
+settings and prompt set that made the labels already there (in `autolabel`, once Ray is joined, since the
+settings `auto` settles on depend on the cluster's GPUs: see `resolve_compute`).
 
 Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.Retry` of
 `storage.retry_s`; past it the job raises `StorageUnavailable` naming the URI (reads: an error row instead),
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ import ray.data
 
 from model import SegGptConfig, check_checkpoint, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
-from pipeline.config import JobConfig, load_config
+from pipeline.config import ComputeConfig, JobConfig, load_config
 from pipeline.infer import SegGptPredictor
 from pipeline.postprocess import postprocess
 from pipeline.preprocess import preprocess
@@ -38,11 +39,12 @@ from pipeline.lease import OutputError, OutputLease
 from pipeline.read import count_inputs, list_inputs, pending_inputs, read_inputs, shard_of
 from pipeline.resume import LabelsIndex, clean_labels, done_keys, foreign_labels, read_index, shard_images
 from pipeline.storage import Retry, storage_failure
-from pipeline.write import LabelWriter, prepare_output, read_job_file, write_job_files
+from pipeline.write import RAN_COLUMNS, LabelWriter, prepare_output, read_job_file, write_job_files
 
 # The writers wait on storage: they hold no CPU, so that they never keep a CPU task (compute.cpus_per_task) or
 # the model from a node, and they are not fused with postprocess, which then scales in tasks of its own.
 _WRITER_CPUS = 0.0
+_GPU_POLL_S = 0.5  # how often a wait for a GPU node looks at the cluster
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,22 @@ class Plan:
     config: JobConfig
     prompts: PromptSet
     model_config: SegGptConfig
-    model_fingerprint: str
+    model_fingerprint: str  # of the checkpoint; a row's `model` is `label_fingerprint` of it and the settings
     inputs: pa.Table  # pipeline.read.LISTING_SCHEMA
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the model actors run, `auto` settled against the cluster (`resolve_compute`), and why."""
+
+    gpus_per_actor: float
+    dtype: str
+    attention: str
+    reason: str
+
+    def __str__(self) -> str:
+        gpus = f"{self.gpus_per_actor:g} GPU per model actor" if self.gpus_per_actor else "no GPU (CPU model actors)"
+        return f"{gpus}, {self.dtype}, {self.attention} attention: {self.reason}"
 
 
 @dataclass
@@ -64,6 +80,8 @@ class Summary:
     added: int = 0  # keys in labels/ now that were not before the run
     seconds: float = 0.0
     output_uri: str = ""
+    # what the model actors ran with, as they said: [{device, dtype, attention, images}], images labelled ok
+    ran: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -99,14 +117,14 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
     return Plan(config, prompts, model_config, fingerprint, inputs)
 
 
-def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
+def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | None = None) -> ray.data.Dataset:
     """The lazy dataset of result rows, one per image of `work` (default: every input), without writing anything.
 
-    `work` is what `pipeline.read.pending_inputs` gives for the keys to skip.
+    `work` is what `pipeline.read.pending_inputs` gives for the keys to skip; `compute` (default: settled here, see
+    `resolve_compute`) how the model actors run.
     """
     config, retry = job.config, Retry(job.config.storage.retry_s)
-    _init_ray()
-    gpus, dtype = _resolve_compute(config)
+    compute = compute or resolve_compute(config)
     work = pending_inputs(job.inputs, pa.array([], pa.string())) if work is None else work
     ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options,
                      retry=retry)
@@ -122,13 +140,13 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
     )
     ds = ds.map_batches(
         SegGptPredictor,
-        fn_constructor_args=(config.model.checkpoint, ray.put(job.prompts)),
-        fn_constructor_kwargs={"dtype": dtype, "attention": config.model.attention,
+        fn_constructor_args=(config.model.checkpoint, job.prompts),  # by value: see SegGptPredictor
+        fn_constructor_kwargs={"dtype": compute.dtype, "attention": compute.attention,
                                "storage_options": config.storage_options, "retry": retry},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.compute.actors[0], max_size=config.compute.actors[1]),
-        num_gpus=gpus,
+        num_gpus=compute.gpus_per_actor,
         num_cpus=config.compute.cpus_per_actor,
         # The model runs on the actor's task thread; this environment keeps its freed tensors for reuse there
         # (model/memory.py). Without it each batch of 4 at ViT-L width, 2 layers, faulted in ~5 GB of fresh pages.
@@ -136,7 +154,7 @@ def build_dataset(job: Plan, work: pa.Table | None = None) -> ray.data.Dataset:
     )
     return ds.map_batches(
         postprocess,
-        fn_kwargs={"palette": job.prompts.palette, "model": job.model_fingerprint,
+        fn_kwargs={"palette": job.prompts.palette, "model": label_fingerprint(job, compute),
                    "prompt_set": job.prompts.fingerprint},
         batch_size=config.compute.batch_size,
         batch_format="numpy",
@@ -153,27 +171,32 @@ def autolabel(
 ) -> Summary:
     """Run the whole job and return its summary. Starts a local Ray unless one is running or reachable.
 
-    Off a terminal (scheduled runs), `log` gets a progress line every `progress_every_s` seconds.
-    Raises `OutputError` (before Ray starts, with the output untouched) when another run holds the output
-    or, on a resume with `output.on_mismatch: refuse`, when its labels were made by another model or prompt set.
+    `log` gets what `auto` settled on and why (`resolve_compute`) and, off a terminal (scheduled runs), a progress
+    line every `progress_every_s` seconds.
+    Raises `OutputError` (with the output untouched) when another run holds the output (before Ray starts) or, on a
+    resume with `output.on_mismatch: refuse`, when its labels were made by another model, other settings or another
+    prompt set (before any Ray work).
     Raises `pipeline.storage.StorageUnavailable` when storage failed for longer than `storage.retry_s`.
     """
     job = plan(config, overrides)
     config, options, output = job.config, job.config.storage_options, job.config.output
-    model, prompt_set, retry = job.model_fingerprint, job.prompts.fingerprint, Retry(config.storage.retry_s)
+    prompt_set, retry = job.prompts.fingerprint, Retry(config.storage.retry_s)
     fs, root = fsspec.core.url_to_fs(output.uri, **options)
     started = datetime.now(timezone.utc)
     summary = Summary(output_uri=output.uri)
-    with OutputLease(fs, root, output.uri, retry=retry):
+    with OutputLease(fs, root, output.uri, retry=retry) as lease:  # its `retry` writes only while it is held
         runs = retry(lambda: read_job_file(fs, root), output.uri).get("runs", [])
         before = retry(lambda: read_index(fs, root), output.uri) if output.resume else LabelsIndex()
         index = before.table()
+        compute = resolve_compute(config, log)
+        model = label_fingerprint(job, compute)
         if output.on_mismatch == "refuse":
-            _refuse_foreign_labels(index, model, prompt_set, output.uri)
-        work, summary.skipped = _pending_work(job, index)
-        retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
+            _refuse_foreign_labels(index, model, prompt_set, output.uri, _made_with(job, compute, runs))
+        work, summary.skipped = _pending_work(job, index, model)
+        lease.retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
         log(f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
             f"{work.num_rows} files or shards to read")
+        log(f"compute: {compute}")
 
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = sys.stderr.isatty()
@@ -182,22 +205,23 @@ def autolabel(
         # storage.retry_s): a block that still fails stops the run, never drops its images quietly.
         context.max_errored_blocks = 0
         context.raise_original_map_exception = True  # so that a StorageUnavailable reaches us whole (exit 3)
-        ds = build_dataset(job, work).map_batches(
+        ds = build_dataset(job, work, compute).map_batches(
             LabelWriter,
-            fn_constructor_args=(output.uri, options, output.png, retry),
+            fn_constructor_args=(output.uri, options, output.png, lease.retry),
             batch_size=output.rows_per_file,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.compute.actors[1]),
             num_cpus=_WRITER_CPUS,
         )
-        info = _job_info(job, summary, started, runs, completed=False)
-        retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
+        info = _job_info(job, compute, summary, started, runs, completed=False)
+        lease.retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
         start = last_report = time.monotonic()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 ok = pc.sum(batch["ok"]).as_py() or 0
                 summary.ok += ok
                 summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
+                _count_ran(summary.ran, batch)
                 summary.seconds = time.monotonic() - start
                 if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
                     last_report = time.monotonic()
@@ -208,31 +232,51 @@ def autolabel(
                 raise
             raise failure from None
         summary.seconds = time.monotonic() - start
-        after = retry(lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set), output.uri)
+        after = lease.retry(lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set),
+                            output.uri)
         summary.added = _added(index["key"], after)
-        info = _job_info(job, summary, started, runs, completed=True)
-        retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
+        info = _job_info(job, compute, summary, started, runs, completed=True)
+        lease.retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
     return summary
 
 
-def _pending_work(job: Plan, index: pa.Table) -> tuple[pa.Table, int]:
-    """The work items of a run over `job`'s inputs, given the index of the output, and the images done before."""
-    done = done_keys(index, job.model_fingerprint, job.prompts.fingerprint)
+def _pending_work(job: Plan, index: pa.Table, model: str) -> tuple[pa.Table, int]:
+    """The work items of a run over `job`'s inputs, given the index of the output and the run's `model`
+    (`label_fingerprint`), and the images done before."""
+    done = done_keys(index, model, job.prompts.fingerprint)
     listed = job.inputs["key"]
     skipped = pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
     return pending_inputs(job.inputs, done, shard_images(index)), skipped
 
 
-def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: str) -> None:
+def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: str, made_with: dict[str, str]) -> None:
+    """Raise `OutputError` when `index` has ok rows of another model or prompt set; `made_with` (`_made_with`) says
+    what each known model fingerprint stands for."""
     foreign = foreign_labels(index, model, prompt_set)
     if foreign:
         top = foreign[0]
         more = f" (and {len(foreign) - 1} other model/prompt-set pairs)" if len(foreign) > 1 else ""
+        unknown = "labelled before the settings were part of the model fingerprint, or by another output's run"
+        models = (f" (model {top['model']}: {made_with.get(top['model'], unknown)}; model {model}: {made_with[model]})"
+                  if top["model"] != model else "")
         raise OutputError(
             f"output.uri {uri}: {top['rows']} labels there were made by model {top['model']} with prompt set "
-            f"{top['prompt_set']}{more}, this run has model {model} with prompt set {prompt_set}; set "
+            f"{top['prompt_set']}{more}, this run has model {model} with prompt set {prompt_set}{models}; set "
             f"output.on_mismatch=relabel to relabel them, or output.resume=false to start over"
         )
+
+
+def _made_with(job: Plan, compute: Compute, runs: list[dict[str, Any]]) -> dict[str, str]:
+    """What each model fingerprint of this run and of the output's earlier runs stands for: checkpoint and settings."""
+    made = [(run["model_fingerprint"], run["checkpoint_fingerprint"], run["settings"])
+            for run in runs if "settings" in run]
+    made.append((label_fingerprint(job, compute), job.model_fingerprint, label_settings(job.config, compute)))
+    return {model: f"checkpoint {checkpoint}, {_settings_text(settings)}" for model, checkpoint, settings in made}
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    """`label_settings` as `attention=sdpa dtype=float32 exif_transpose=true jpeg_draft=false`."""
+    return " ".join(f"{key}={str(value).lower()}" for key, value in sorted(settings.items()))
 
 
 def _added(keys_before: pa.ChunkedArray, after: LabelsIndex) -> int:
@@ -255,15 +299,72 @@ def _init_ray() -> None:
         ray.init(log_to_driver=False, configure_logging=False)  # RAY_ADDRESS, a running cluster, or a new one
 
 
-def _resolve_compute(config: JobConfig) -> tuple[float, str]:
-    """(GPUs per actor, model dtype) with `auto` settled: one GPU and bfloat16 where the cluster has GPUs."""
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = config.compute.gpus_per_actor
-    gpus = (1.0 if has_gpus else 0.0) if gpus == "auto" else float(gpus)
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if gpus > 0 else "float32"
-    return gpus, dtype
+def resolve_compute(config: JobConfig, log: Callable[[str], None] = print) -> Compute:
+    """Settle `auto` in compute.gpus_per_actor, model.dtype and model.attention against the cluster (joined or
+    started here): one GPU per model actor, bfloat16 and flex where the cluster has GPUs, where its autoscaler has
+    GPU node types, or where a GPU node joins within compute.gpu_wait_s (`log` says it waits); else the CPU,
+    float32 and sdpa."""
+    _init_ray()
+    gpus, reason = _gpus_per_actor(config.compute, log)
+    dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if gpus else "float32")
+    # The model's own `auto` (flex where its weights are on CUDA), settled here so that the rows can say it.
+    attention = config.model.attention if config.model.attention != "auto" else ("flex" if gpus else "sdpa")
+    return Compute(gpus, dtype, attention, reason)
+
+
+def _gpus_per_actor(compute: ComputeConfig, log: Callable[[str], None]) -> tuple[float, str]:
+    """compute.gpus_per_actor with `auto` settled, and why."""
+    if compute.gpus_per_actor != "auto":
+        return float(compute.gpus_per_actor), "compute.gpus_per_actor is set"
+    if gpus := ray.cluster_resources().get("GPU", 0):
+        return 1.0, f"the cluster has GPUs ({gpus:g})"
+    if node_types := _gpu_node_types():
+        return 1.0, (f"the cluster has no GPU yet, and its autoscaler has GPU node types ({', '.join(node_types)}): "
+                     f"the model actors' demand starts them")
+    if compute.gpu_wait_s:
+        log(f"compute: waiting up to {compute.gpu_wait_s:g} s for a GPU node to join (compute.gpu_wait_s)")
+        start = time.monotonic()
+        while time.monotonic() - start < compute.gpu_wait_s:
+            time.sleep(min(_GPU_POLL_S, max(0.0, start + compute.gpu_wait_s - time.monotonic())))
+            if ray.cluster_resources().get("GPU", 0):
+                return 1.0, f"a GPU node joined after {time.monotonic() - start:.1f} s"
+    return 0.0, (f"the cluster has no GPUs, its autoscaler reports no GPU node types, and none joined within "
+                 f"compute.gpu_wait_s ({compute.gpu_wait_s:g} s)")
+
+
+def _gpu_node_types() -> list[str]:
+    """The node types with GPUs that the cluster's autoscaler can start, as it reports them to Ray (the autoscaling
+    cluster config that Ray Data and Ray Train read too; Ray's own launcher and KubeRay do not report one as of Ray
+    2.60, so there the config sets compute.gpus_per_actor)."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    groups = config.node_group_configs if config else []
+    return [group.name for group in groups if group.resources.get("GPU", 0) > 0 and group.max_count != 0]
+
+
+def label_settings(config: JobConfig, compute: Compute) -> dict[str, Any]:
+    """The settings that change a label's pixels, as this run makes them."""
+    return {"dtype": compute.dtype, "attention": compute.attention, "exif_transpose": config.input.exif_transpose,
+            "jpeg_draft": config.input.jpeg_draft}
+
+
+def label_fingerprint(job: Plan, compute: Compute) -> str:
+    """A row's `model`: what made the label, the checkpoint (`Plan.model_fingerprint`) and `label_settings`."""
+    text = json.dumps([job.model_fingerprint, label_settings(job.config, compute)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _count_ran(ran: list[dict[str, Any]], written: pa.RecordBatch | pa.Table) -> None:
+    """Add the ok images of the writer's `written` rows to `ran` ([{device, dtype, attention, images}])."""
+    for row in written.to_pylist():
+        said = {name.removeprefix("ran_"): row[name] for name in RAN_COLUMNS}
+        if row["ok"] and said["device"] is not None:
+            entry = next((entry for entry in ran if all(entry[key] == value for key, value in said.items())), None)
+            if entry is None:
+                entry = {**said, "images": 0}
+                ran.append(entry)
+            entry["images"] += row["ok"]
 
 
 def _fingerprint(uri: str, model_config: SegGptConfig, storage_options: dict[str, Any]) -> str:
@@ -280,9 +381,10 @@ def _fingerprint(uri: str, model_config: SegGptConfig, storage_options: dict[str
 
 
 def _job_info(
-    job: Plan, summary: Summary, started: datetime, runs: list[dict[str, Any]], *, completed: bool
+    job: Plan, compute: Compute, summary: Summary, started: datetime, runs: list[dict[str, Any]], *, completed: bool
 ) -> dict[str, Any]:
-    """`_job.json`: this run's config, classes, fingerprints and counts, and `runs`, the history of every run."""
+    """`_job.json`: this run's config, classes, fingerprints, compute (what `auto` settled on and why), settings,
+    what the model actors ran with and counts, and `runs`, the history of every run."""
     import numpy
     import torch
 
@@ -290,8 +392,12 @@ def _job_info(
         "started_at": started.isoformat(timespec="seconds"),
         "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(summary.seconds, 3),
-        "model_fingerprint": job.model_fingerprint,
+        "model_fingerprint": label_fingerprint(job, compute),  # the rows' `model`
+        "checkpoint_fingerprint": job.model_fingerprint,
+        "settings": label_settings(job.config, compute),
         "prompt_set_fingerprint": job.prompts.fingerprint,
+        "compute": dataclasses.asdict(compute),
+        "ran": sorted(summary.ran, key=lambda entry: -entry["images"]),
         "resume": job.config.output.resume,
         "completed": completed,
         "counts": {"ok": summary.ok, "error": summary.error, "skipped": summary.skipped, "added": summary.added},

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.processing import encode_png, upsample_class_map, upsampled_class_counts
-from pipeline.write import LABELS_SCHEMA
+from pipeline.write import LABELS_SCHEMA, RAN_COLUMNS
 
 
 def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str, prompt_set: str) -> pa.Table:
@@ -17,6 +17,7 @@ def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str
     Each ok row's class map is upsampled (nearest) to the original size, encoded as an indexed PNG, and counted;
     `class_scores` keeps the infer stage's per-class means of the classes present, aligned with `class_ids`.
     The rows are typed here, where they are made, so that any mix of batches (all ok, all error) joins.
+    The infer stage's `RAN_COLUMNS` (what the model ran with) follow the rows to the writer, which counts them.
     """
     n = len(batch["key"])
     ok = batch["status"] == "ok"
@@ -50,4 +51,8 @@ def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str
         "labeled_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
         "shard_images": pa.array(shard_images, pa.int64(), mask=shard_images == 0),
     }
-    return pa.table(columns, schema=LABELS_SCHEMA)
+    table = pa.table(columns, schema=LABELS_SCHEMA)
+    for name in RAN_COLUMNS:
+        if name in batch:
+            table = table.append_column(name, pa.array(batch[name].tolist(), pa.string()))
+    return table

@@ -67,8 +67,12 @@ LABELS_SCHEMA = pa.schema(
         pa.field("shard_images", pa.int64()),
     ]
 )
-WRITE_RESULT_SCHEMA = pa.schema(  # one row per labels file written
-    [pa.field("file", pa.string()), pa.field("rows", pa.int64()), pa.field("ok", pa.int64())]
+# What the model ran with: the infer stage adds these columns to every row it passes, the writer counts them (they
+# are not written to labels files: a row's `model` fingerprints the settings that change its pixels).
+RAN_COLUMNS = ("ran_device", "ran_dtype", "ran_attention")
+WRITE_RESULT_SCHEMA = pa.schema(  # one row per labels file written and what its rows ran with (null: not said)
+    [pa.field("file", pa.string()), pa.field("rows", pa.int64()), pa.field("ok", pa.int64()),
+     *(pa.field(name, pa.string()) for name in RAN_COLUMNS)]
 )
 
 LABELS_DIR = "labels"
@@ -86,9 +90,10 @@ class LabelWriter:
 
     Use with ``ds.map_batches(LabelWriter, fn_constructor_args=(uri, storage_options, png, retry),
     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(...), num_cpus=...)`` or as an
-    instance. Columns outside LABELS_SCHEMA are ignored; `mask_uri` is computed here. The ok rows of a
-    batch go to one file and its error rows to another, so that relabelling an error row later never
-    rewrites a file of masks. Every write goes through `retry` (past its budget: `StorageUnavailable`).
+    instance. Columns outside LABELS_SCHEMA are not written (`RAN_COLUMNS` are counted in the result);
+    `mask_uri` is computed here. The ok rows of a batch go to one file and its error rows to another, so
+    that relabelling an error row later never rewrites a file of masks. Every write goes through `retry`
+    (past its budget: `StorageUnavailable`).
     """
 
     def __init__(self, output_uri: str, storage_options: dict[str, Any], png: bool = True, retry: Retry = Retry()):
@@ -101,12 +106,14 @@ class LabelWriter:
         table = table.set_column(LABELS_SCHEMA.get_field_index("mask_uri"), "mask_uri", mask_uris)
         ok = pc.equal(table["status"], "ok")
         written = []
-        for status, part in (("ok", table.filter(ok)), ("error", table.filter(pc.invert(ok)))):
+        for status, selected in (("ok", ok), ("error", pc.invert(ok))):
+            part = table.filter(selected)
             if part.num_rows:
                 name, data = labels_file_name(part["key"].to_pylist()), parquet_bytes(part)
                 path = f"{self.root}/{LABELS_DIR}/{name}"
                 self.retry(lambda: write_atomically(self.fs, self.root, path, data), self.fs.unstrip_protocol(path))
-                written.append({"file": name, "rows": part.num_rows, "ok": part.num_rows if status == "ok" else 0})
+                for ran, rows in _ran_counts(batch.filter(selected)):
+                    written.append({"file": name, "rows": rows, "ok": rows if status == "ok" else 0, **ran})
         return pa.Table.from_pylist(written, schema=WRITE_RESULT_SCHEMA)
 
     def _write_masks(self, table: pa.Table) -> pa.Array:
@@ -126,6 +133,14 @@ class LabelWriter:
         if files:
             self.retry(lambda: self.fs.pipe(files), self.fs.unstrip_protocol(f"{self.root}/{MASKS_DIR}"))
         return pa.array(uris, pa.string())
+
+
+def _ran_counts(rows: pa.Table) -> list[tuple[dict[str, str | None], int]]:
+    """The `RAN_COLUMNS` values of `rows` (null where the rows do not say) and how many rows have each."""
+    said = {name: rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, pa.string())
+            for name in RAN_COLUMNS}
+    groups = pa.table({**said, "key": rows["key"]}).group_by(list(RAN_COLUMNS)).aggregate([("key", "count")])
+    return [({name: group[name] for name in RAN_COLUMNS}, group["key_count"]) for group in groups.to_pylist()]
 
 
 def label_rows(

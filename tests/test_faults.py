@@ -15,10 +15,13 @@ import botocore.exceptions
 import fsspec
 import numpy as np
 import pytest
+import ray
 import yaml
 from moto.server import ThreadedMotoServer
 
 from jobs.autolabel import main as cli
+from pipeline.job import build_dataset, plan
+from pipeline.prompts import PromptSet
 from pipeline.storage import Retry, StorageUnavailable, is_transient, storage_failure
 from model.processing import decode_png
 from tests.test_job import expected_map, long_job, own_processes, read_labels
@@ -246,28 +249,51 @@ def as_tar_shards(config: dict, per_shard: int) -> dict:
 PREDICTOR = "ray::MapWorker(MapBatches(SegGptPredictor))"  # the title of an inference actor's process
 
 
-def test_an_inference_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_session):
-    config = as_tar_shards(long_job(tmp_path, 24, image_size=(512, 256)), per_shard=4)
+def test_an_inference_actor_killed_mid_run_and_late_loses_and_doubles_nothing(tmp_path, ray_session):
+    """The inference actor is killed twice: once the first labels file is written, and again late, once more than
+    half of them are. Each time Ray starts another, which rebuilds its model and prompt set from its own arguments."""
+    config = as_tar_shards(long_job(tmp_path, 32, image_size=(512, 256)), per_shard=4)
     labels = tmp_path / "out" / "labels"
-    killed: list[int] = []
-    restarted: list[int] = []
+    killed: list[list[int]] = []
+    restarted: list[list[int]] = []
 
-    def kill_when_labelled() -> None:
-        while not list(labels.glob("*.parquet")):
+    def kill_when_labelled(files: int) -> None:
+        while len(list(labels.glob("*.parquet"))) < files:
             time.sleep(0.05)
-        killed.extend(own_processes(PREDICTOR))
-        for pid in killed:
+        victims = own_processes(PREDICTOR)
+        for pid in victims:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while not set(own_processes(PREDICTOR)) - set(killed) and time.monotonic() < deadline:
+        while not set(own_processes(PREDICTOR)) - set(victims) and time.monotonic() < deadline:
             time.sleep(0.05)
-        restarted.extend(set(own_processes(PREDICTOR)) - set(killed))
+        killed.append(victims)
+        restarted.append(sorted(set(own_processes(PREDICTOR)) - set(victims)))
 
-    killer = threading.Thread(target=kill_when_labelled, daemon=True)
+    def kill_twice() -> None:
+        kill_when_labelled(1)
+        # of 16 (32 images, 2 rows a file): past half way, with images left that the model has not had yet (it runs
+        # a few batches ahead of the writer)
+        kill_when_labelled(9)
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
     killer.start()
     assert run(tmp_path, config, "killed") == 0
     killer.join()
 
-    assert killed and restarted  # an actor was killed mid-run, and Ray started another for the rest ...
+    assert len(killed) == 2 and all(killed) and all(restarted), (killed, restarted)  # each kill, another actor
     images = {f"shard{i // 4:02d}.tar/{name}": data for i, (name, data) in enumerate(sorted(images_of(str(tmp_path / "data")).items()))}
     check_labels(str(tmp_path / "out"), {}, tmp_path, images)  # ... and every key is there once, as a clean run
+
+
+def test_the_model_actor_is_built_from_arguments_it_holds(tmp_path, ray_session):
+    """What a restarted actor is rebuilt from: the arguments it was created with. They hold the prompt set itself, not
+    a reference to a copy in the driver's object store, which Ray does not keep for a restart
+    (ray-project/ray#53727)."""
+    job = plan(long_job(tmp_path, 2))
+    operator = build_dataset(job)._logical_plan.dag
+    while operator.name != "MapBatches(SegGptPredictor)":
+        (operator,) = operator.input_dependencies
+    arguments = [*operator.fn_constructor_args, *operator.fn_constructor_kwargs.values()]
+    assert not [argument for argument in arguments if isinstance(argument, ray.ObjectRef)]
+    (prompts,) = [argument for argument in arguments if isinstance(argument, PromptSet)]
+    assert prompts.fingerprint == job.prompts.fingerprint

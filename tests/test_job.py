@@ -156,7 +156,9 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     assert (summary.ok, summary.error) == (len(keys), 0)
     assert lines[0] == f"planned: {len(keys) if kind == 'images' else 2} input files, 0 images done before, " \
         f"{len(keys) if kind == 'images' else 2} files or shards to read"
-    assert lines[1:] and all(line.startswith("progress: labelled") for line in lines[1:])  # plain lines off a terminal
+    assert lines[1] == ("compute: no GPU (CPU model actors), float32, sdpa attention: the cluster has no GPUs, its "
+                        "autoscaler reports no GPU node types, and none joined within compute.gpu_wait_s (0 s)")
+    assert lines[2:] and all(line.startswith("progress: labelled") for line in lines[2:])  # plain lines off a terminal
     table = read_labels(f"{bucket}/out", storage_options)
     assert sorted(table["key"].to_pylist()) == sorted(keys)
     for row in table.to_pylist():

@@ -9,15 +9,16 @@ against one default run over the same images (`baseline`) or with inputs on whic
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import ExifTags, Image
 
@@ -27,6 +28,7 @@ from model.processing import (build_palette, decode_png, masks_to_class_ids, nor
 from model.seggpt import Attention
 from pipeline.infer import SegGptPredictor
 from pipeline.job import autolabel
+from pipeline.lease import OutputError
 from pipeline.prompts import load_prompt_set
 from pipeline.storage import Retry
 from test_job import CLASSES, TINY, encoded, job_config, make_assets, picture, read_labels
@@ -144,16 +146,25 @@ def test_baseline_is_what_the_model_gives(assets, dataset, baseline):
         assert rows[key]["mask_uri"] and (output / "masks" / f"{key}.png").read_bytes() == rows[key]["mask"]
     assert (rows[ROTATED]["width"], rows[ROTATED]["height"]) == (24, 40)
     assert np.array_equal(build_palette(len(CLASSES)), PALETTE)
+    job = json.loads((output / "_job.json").read_text())  # what `auto` settled on, and what the actors ran
+    assert {key: job["compute"][key] for key in ("gpus_per_actor", "dtype", "attention")} == \
+        {"gpus_per_actor": 0.0, "dtype": "float32", "attention": "sdpa"}
+    assert job["compute"]["reason"].startswith("the cluster has no GPUs")
+    assert job["settings"] == {"dtype": "float32", "attention": "sdpa", "exif_transpose": True, "jpeg_draft": False}
+    assert job["ran"] == [{"device": "cpu", "dtype": "float32", "attention": "sdpa", "images": COUNT}]
+    assert {row["model"] for row in rows.values()} == {job["model_fingerprint"]} != {job["checkpoint_fingerprint"]}
 
 
 def test_instance_embedding_exif_off_and_bfloat16(assets, dataset, baseline, tmp_path):
     """Three options in one run, each of which moves some pixels (so an ignored one would show):
     - `prompts.embedding: instance`: the model's instance-embedding maps;
     - `input.exif_transpose: false`: the stored pixels are labelled: raw width/height, the model on the raw image;
-    - `model.dtype: bfloat16`: the model package's bfloat16 maps."""
+    - `model.dtype: bfloat16`: the model package's bfloat16 maps.
+    It resumes a copy of the baseline's output with `output.on_mismatch: relabel`: every row is made again."""
     output = tmp_path / "out"
+    shutil.copytree(baseline[0], output)
     rows = run_job(assets, str(dataset[0]), output, prompts={"embedding": "instance"}, input={"exif_transpose": False},
-                   model={"dtype": "bfloat16"})
+                   model={"dtype": "bfloat16"}, output={"on_mismatch": "relabel"})
     assert sorted(rows) == sorted(dataset[1])
     differ = {"semantic": 0, "float32": 0}
     for key, data in dataset[1].items():
@@ -172,6 +183,51 @@ def test_instance_embedding_exif_off_and_bfloat16(assets, dataset, baseline, tmp
     assert job["config"]["input"]["exif_transpose"] is False
     assert (job["counts"]["ok"], job["counts"]["error"], job["counts"]["skipped"]) == (COUNT, 0, 0)
     assert (output / "_SUCCESS").exists()
+    assert job["settings"] == {"dtype": "bfloat16", "attention": "sdpa", "exif_transpose": False, "jpeg_draft": False}
+    assert job["ran"] == [{"device": "cpu", "dtype": "bfloat16", "attention": "sdpa", "images": COUNT}]
+    assert [run["settings"]["dtype"] for run in job["runs"]] == ["float32", "bfloat16"]
+    assert {row["model"] for row in rows.values()} == {job["model_fingerprint"]}
+
+
+def test_a_resume_under_other_settings_refuses(assets, dataset, baseline, tmp_path):
+    """What made a label includes the settings that change its pixels: `model.dtype` as resolved, the attention
+    backend, `input.exif_transpose` and `input.jpeg_draft`. A resume of the baseline's output under another value of
+    any of them refuses before touching it, naming the settings of both; the same settings spelled out (`auto`
+    settles on float32 and sdpa on this CPU) find every image done. Labels written before the settings were part of
+    the fingerprint (their `model` is the checkpoint's alone) count as another model's."""
+    output = tmp_path / "out"
+    shutil.copytree(baseline[0], output)
+    config = job_config(assets, str(dataset[0]), str(output), {})
+    before = tree_digest(output)
+    for section, key, value, text in (("model", "dtype", "bfloat16", "dtype=bfloat16"),
+                                      ("model", "attention", "flex", "attention=flex"),
+                                      ("input", "exif_transpose", False, "exif_transpose=false"),
+                                      ("input", "jpeg_draft", True, "jpeg_draft=true")):
+        changed = {**config, section: {**config[section], key: value}}
+        with pytest.raises(OutputError) as refused:
+            autolabel(changed, log=lambda line: None)
+        message = str(refused.value)
+        assert f"{COUNT} labels there were made by model" in message and "output.on_mismatch=relabel" in message
+        assert "attention=sdpa dtype=float32 exif_transpose=true jpeg_draft=false" in message and text in message
+        assert tree_digest(output) == before, key
+
+    spelled_out = {**config, "model": {**config["model"], "dtype": "float32", "attention": "sdpa"}}
+    summary = autolabel(spelled_out, log=lambda line: None)
+    assert (summary.ok, summary.error, summary.skipped) == (0, 0, COUNT)
+
+    job = json.loads((output / "_job.json").read_text())
+    for path in (output / "labels").glob("*.parquet"):  # as labels files were written before
+        table = pq.read_table(path)
+        old = pa.array([job["checkpoint_fingerprint"]] * table.num_rows, pa.string())
+        pq.write_table(table.set_column(table.schema.get_field_index("model"), "model", old), path)
+    with pytest.raises(OutputError, match=f"model {job['checkpoint_fingerprint']} with prompt set .*labelled before "
+                                          "the settings were part of the model fingerprint"):
+        autolabel(config, log=lambda line: None)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path,
@@ -258,7 +314,7 @@ def test_the_attention_option_reaches_the_inference_actor(assets, ray_session):
     prompts = load_prompt_set(str(assets / "prompts"), classes=tuple(CLASSES), mask_format="labels",
                               embedding="semantic", size=(64, 32))
     for option, backend in (("flex", "flex"), ("sdpa", "sdpa"), ("auto", "sdpa")):  # auto on the CPU: sdpa
-        predictor = SegGptPredictor(str(assets / "checkpoint"), ray.put(prompts), dtype="float32", attention=option,
+        predictor = SegGptPredictor(str(assets / "checkpoint"), prompts, dtype="float32", attention=option,
                                     storage_options={}, retry=Retry(1))
         backends = {module.backend for module in predictor.model.modules() if isinstance(module, Attention)}
         assert backends == {backend}, option

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.autolabel import DEMO
 from jobs.demo.build import write_sample
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, table
 from pipeline.job import autolabel
 from test_read import tar_bytes
 
@@ -56,5 +56,5 @@ def test_the_job_with_the_bundled_model_segments_held_out_tasks(kind, seed, tmp_
     summary = autolabel(config, log=lambda line: None)
     assert summary.ok == 8
     scores = evaluate(str(tmp_path / "out"), str(root / "truth"))
-    assert (scores.compared, scores.missing, scores.without_truth) == (8, [], 0)
-    assert scores.mean_iou >= MEAN_IOU_FLOOR, scores.table()
+    assert (scores.compared, scores.missing, scores.unusable, scores.without_truth) == (8, {}, {}, 0)
+    assert scores.mean_iou >= MEAN_IOU_FLOOR, table(scores)

@@ -18,7 +18,8 @@ import ray.data
 from PIL import Image
 
 from pipeline.resume import clean_labels, done_keys, read_index
-from pipeline.write import LABELS_SCHEMA, LabelWriter, labels_file_name, prepare_output, write_job_files
+from pipeline.write import (LABELS_SCHEMA, RAN_COLUMNS, LabelWriter, labels_file_name, prepare_output,
+                            write_job_files)
 
 START = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 MODEL, PROMPT_SET = "seggpt-test", "prompts-test"
@@ -99,9 +100,10 @@ def test_labels_read_back_as_one_table(output):
     writer = LabelWriter(uri, options, png=True)
     mixed = [result("a.jpg"), result("dir/b.png"), result("c.jpg", ok=False)]
     errors_only = [result("shard.tar/0001.jpg", ok=False), result("d.jpg", ok=False)]
+    unsaid = dict.fromkeys(RAN_COLUMNS)  # these rows do not say what the model ran with
     assert writer(batch(mixed)).to_pylist() == [  # ok rows and error rows go to files of their own
-        {"file": labels_file_name(["a.jpg", "dir/b.png"]), "rows": 2, "ok": 2},
-        {"file": labels_file_name(["c.jpg"]), "rows": 1, "ok": 0},
+        {"file": labels_file_name(["a.jpg", "dir/b.png"]), "rows": 2, "ok": 2, **unsaid},
+        {"file": labels_file_name(["c.jpg"]), "rows": 1, "ok": 0, **unsaid},
     ]
     writer(batch(errors_only))
 
