@@ -134,7 +134,10 @@ class OutputLease:
                 f"{current.get('pid')}, started {current.get('started_at')}); its lease {LEASE_FILE} "
                 f"expires {_when(current.get('expires_at'))} unless renewed"
             )
-        self._version = self._replace(version, self._content())  # absent or stale: create it or take it over
+        try:
+            self._version = self._replace(version, self._content())  # absent or stale: create it or take it over
+        except FileNotFoundError:  # S3: no such bucket (a folder is made where there is none)
+            raise OutputError(f"output.uri {self.uri}: no such bucket") from None
         if self._version is None:
             raise OutputError(f"output.uri {self.uri}: another run took the lease {LEASE_FILE} just now")
 

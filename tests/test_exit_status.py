@@ -92,17 +92,20 @@ def test_a_checkpoint_missing_a_shard_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing touched
 
 
-def test_evaluating_what_is_not_a_job_output_is_refused_naming_it(tmp_path):
-    result = cli("evaluate", "--labels", str(tmp_path / "nothing"), "--truth", str(DEMO / "truth"))
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_naming_it(tmp_path, s3_server):
+    missing = f"s3://no-such-{uuid.uuid4().hex[:8]}/out"
+    result = cli("run", str(job_file(tmp_path, str(local_images(tmp_path)), missing, s3_server)))
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"seggpt-autolabel: error: --labels {tmp_path / 'nothing'}: no _job.json"), line
+    assert line.startswith(f"seggpt-autolabel: error: output.uri {missing}: "), line
+    assert not fsspec.filesystem("s3", **s3_server).exists(missing.removeprefix("s3://").split("/")[0])
 
 
 # --- 0, and a file that goes away mid-run ---------------------------------------------------------------------------
 
 
 def test_an_input_gone_mid_run_is_an_error_row_and_the_run_exits_0(tmp_path):
+    """Listed, then deleted before it is read (FileNotFoundError, once a refusal): the run goes on and exits 0."""
     images = local_images(tmp_path)
     gone = images / IMAGES[1].name
     child = subprocess.Popen([str(CLI), "run", str(job_file(tmp_path, str(images), str(tmp_path / "out")))], cwd=REPO,
@@ -130,7 +133,8 @@ class StopAfterTheDriversLastCall(logging.Handler):
 
     def __init__(self, server: FlakyS3, bucket: str) -> None:
         super().__init__()
-        self.server, self.job_file, self.success_file = server, f"PUT /{bucket}/out/_job.json ", f"/{bucket}/out/_SUCCESS"
+        self.server = server
+        self.job_file, self.success_file = f"PUT /{bucket}/out/_job.json ", f"/{bucket}/out/_SUCCESS"
         self.wrote_job_file, self.seen = False, threading.Event()
         self.stopper = threading.Thread(target=self._stop, daemon=True)
         self.stopper.start()
@@ -150,7 +154,9 @@ class StopAfterTheDriversLastCall(logging.Handler):
 def run_through_an_outage(tmp_path: Path, server: FlakyS3, images: str, bucket: str) -> subprocess.CompletedProcess:
     """A run whose output is in `bucket` on `server`, which goes away for good once the driver has started the
     labelling."""
-    path = job_file(tmp_path, images, f"s3://{bucket}/out", server.options)
+    # one request per try: botocore's own retries (5 tries with back-off) would only stretch each of the job's tries
+    options = {**server.options, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    path = job_file(tmp_path, images, f"s3://{bucket}/out", options)
     watcher, log = StopAfterTheDriversLastCall(server, bucket), logging.getLogger("werkzeug")
     log.addHandler(watcher)
     try:
