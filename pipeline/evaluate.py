@@ -182,12 +182,6 @@ class _Scoring:
 
 def report(result: Evaluation) -> dict[str, Any]:
     """The JSON `evaluate` writes: the scores, their definition, and every scored image's IoU per class."""
-    keys = list(result.per_image)
-    per_image = np.stack([result.per_image[key] for key in keys]) if keys else np.zeros((0, 3, len(result.classes)))
-    ious, means = class_iou(per_image), mean_iou(per_image)
-    images = [{"key": key, "status": "missed" if key in result.missing else "compared", "mean_iou": _value(mean),
-               "iou": {name: _value(value) for name, value in zip(result.classes, row)}}
-              for key, mean, row in zip(keys, means, ious)]
     return {
         "mean_iou": result.mean_iou, "pixel_accuracy": result.pixel_accuracy,
         "iou": dict(zip(result.classes, result.iou)), "definition": DEFINITION, "ignore_index": result.ignore_index,
@@ -195,8 +189,22 @@ def report(result: Evaluation) -> dict[str, Any]:
         "unusable": len(result.unusable), "without_truth": result.without_truth,
         "missing_keys": [f"{key}: {why}" for key, why in list(result.missing.items())[:1000]],
         "unusable_keys": [f"{key}: {why}" for key, why in list(result.unusable.items())[:1000]],
-        "images": images,
+        "images": _images(result, *_per_image(result)),
     }
+
+
+def _per_image(result: Evaluation) -> tuple[list[str], np.ndarray]:
+    """The scored images' keys and their (n, 3, C) counts."""
+    keys = list(result.per_image)
+    counts = np.stack([result.per_image[key] for key in keys]) if keys else np.zeros((0, 3, len(result.classes)))
+    return keys, counts
+
+
+def _images(result: Evaluation, keys: list[str], counts: np.ndarray) -> list[dict[str, Any]]:
+    """Per image: key, status, mean IoU and IoU per class (None where the class is in neither)."""
+    return [{"key": key, "status": "missed" if key in result.missing else "compared", "mean_iou": _value(mean),
+             "iou": {name: _value(value) for name, value in zip(result.classes, row)}}
+            for key, mean, row in zip(keys, mean_iou(counts), class_iou(counts))]
 
 
 def _value(value: float) -> float | None:
@@ -213,13 +221,15 @@ def table(result: Evaluation, *, lowest: int = 5) -> str:
               f"images compared {result.compared}, missing {len(result.missing)}, unusable truth "
               f"{len(result.unusable)}, labelled without truth {result.without_truth}"]
     lines += [f"unusable: {key}: {why}" for key, why in list(result.unusable.items())[:lowest]]
-    worst = sorted(report(result)["images"],
-                   key=lambda image: (image["mean_iou"] is None, image["mean_iou"] or 0, image["key"]))
+    keys, counts = _per_image(result)
+    means = mean_iou(counts)
+    order = sorted(range(len(keys)), key=lambda i: (bool(np.isnan(means[i])), np.nan_to_num(means[i]), keys[i]))
+    worst = _images(result, [keys[i] for i in order[:lowest]], counts[order[:lowest]])
     if lowest and worst:
-        width = max(len(image["key"]) for image in worst[:lowest]) + 2
-        lines.append(f"lowest {min(lowest, len(worst))} images by mean IoU:")
+        width = max(len(image["key"]) for image in worst) + 2
+        lines.append(f"lowest {len(worst)} images by mean IoU:")
         lines.append(f"  {'key':<{width}}{'mean IoU':>10}" + "".join(f"{name[:12]:>13}" for name in result.classes[1:]))
-        for image in worst[:lowest]:
+        for image in worst:
             cells = [image["iou"][name] for name in result.classes[1:]]
             lines.append(f"  {image['key']:<{width}}{_cell(image['mean_iou']):>10}"
                          + "".join(f"{_cell(value):>13}" for value in cells)

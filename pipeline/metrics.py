@@ -37,8 +37,9 @@ def overlap(truth: np.ndarray, labels: np.ndarray, num_classes: int, ignore_inde
 
 def missed(truth: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """(3, C) counts of an image whose truth has no usable label: every truth pixel missed."""
-    keep = truth.ravel() if ignore_index is None else truth.ravel()[truth.ravel() != ignore_index]
-    in_truth = np.bincount(keep.astype(np.int64), minlength=num_classes)
+    pixels = truth.ravel()
+    kept = pixels if ignore_index is None else pixels[pixels != ignore_index]
+    in_truth = np.bincount(kept.astype(np.int64), minlength=num_classes)
     return np.stack([np.zeros_like(in_truth), in_truth, in_truth])
 
 

@@ -10,18 +10,13 @@ autoscaler reports to Ray's GCS) lists a GPU node type, and `auto` settles on a 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, load_config
 from test_job import job_config, make_assets, TINY, encoded, picture
+from test_node_failure import run_cluster_script
 
-REPO = Path(__file__).resolve().parents[1]
 
 CLUSTER_SCRIPT = r"""
 import json, sys, threading, time, traceback
@@ -105,26 +100,9 @@ def test_a_gpu_node_that_joins_after_the_start_gets_the_model(tmp_path):
     config = job_config(assets, str(data), str(output), {})
     config["compute"].update(gpu_wait_s=60)
     config["model"]["attention"] = "sdpa"  # flex would compile for half a minute on this CPU
-    config_path, script, result_path = tmp_path / "job.json", tmp_path / "cluster.py", tmp_path / "result.json"
-    config_path.write_text(json.dumps(config))
-    script.write_text(CLUSTER_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
-    process = subprocess.Popen([sys.executable, str(script), str(config_path), str(result_path)], cwd=REPO, env=env,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log, _ = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert result_path.exists(), f"cluster script exited {process.returncode} without a result:\n{log[-4000:]}"
-    result = json.loads(result_path.read_text())
-    print(result)
+    result, log, returncode = run_cluster_script(tmp_path, CLUSTER_SCRIPT, config)
     assert "error" not in result, result["error"]
-    assert not result["job_alive"] and process.returncode == 0, log[-4000:]
+    assert not result["job_alive"] and returncode == 0, log[-4000:]
 
     # No GPU and none joining: after waiting its bound, `auto` settles on the CPU and says why.
     alone = result["no_gpu_within_1_s"]

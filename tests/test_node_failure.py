@@ -69,16 +69,14 @@ cluster.shutdown()
 """
 
 
-def test_worker_node_dies_mid_run(tmp_path):
-    count = 100  # two blocks of loose files (64 each): the node goes while the model works through the first
-    config = long_job(tmp_path, count)
-    output = tmp_path / "out"
+def run_cluster_script(tmp_path: Path, script_text: str, config: dict) -> tuple[dict, str, int]:
+    """Run `script_text` (a Cluster of its own) in a fresh process on the job `config`, killed after 240 s: the
+    result it wrote, its output and its exit status."""
     config_path, script, result_path = tmp_path / "job.json", tmp_path / "cluster.py", tmp_path / "result.json"
     config_path.write_text(json.dumps(config))
-    script.write_text(CLUSTER_SCRIPT)
+    script.write_text(script_text)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-
     process = subprocess.Popen([sys.executable, str(script), str(config_path), str(result_path)], cwd=REPO, env=env,
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -92,12 +90,20 @@ def test_worker_node_dies_mid_run(tmp_path):
     assert result_path.exists(), f"cluster script exited {process.returncode} without a result:\n{log[-4000:]}"
     result = json.loads(result_path.read_text())
     print(result)
+    return result, log, process.returncode
+
+
+def test_worker_node_dies_mid_run(tmp_path):
+    count = 100  # two blocks of loose files (64 each): the node goes while the model works through the first
+    config = long_job(tmp_path, count)
+    output = tmp_path / "out"
+    result, log, returncode = run_cluster_script(tmp_path, CLUSTER_SCRIPT, config)
 
     # The worker died part-way: after the first labels file, before the job ended.
     assert result["files_at_kill"] > 0 and not result["job_done_at_kill"], result
     assert not result["job_alive"], f"the job did not finish within its deadline: {result}\n{log[-4000:]}"
     assert "error" not in result, result["error"]
-    assert process.returncode == 0, log[-4000:]
+    assert returncode == 0, log[-4000:]
     summary = result["summary"]
     assert (summary["ok"], summary["error"], summary["skipped"]) == (count, 0, 0), summary
 
