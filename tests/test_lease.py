@@ -44,6 +44,17 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lease(output):
         pass
 
 
+def test_the_lease_outlasts_the_retry_budget_of_its_holder(output):
+    """A holder cut off from storage keeps retrying for `storage.retry_s` (300 s by default): its lease, written at
+    the last renewal before the cut, must still hold when the holder gives up, or a second run takes the output while
+    the first may still write (the lease used to last 120 s, whatever the budget)."""
+    fs, root = output
+    for budget_s in (300.0, 1200.0):
+        with OutputLease(fs, root, "out", retry=Retry(budget_s)) as lease:
+            left = lease_of(fs, root)["expires_at"] - time.time()
+            assert left > budget_s + lease.ttl_s / 4 + 5  # past the budget, counted from a renewal just missed
+
+
 def test_the_lease_is_renewed_while_held(output):
     fs, root = output
     with OutputLease(fs, root, "out", retry=Retry(1), ttl_s=0.8):
