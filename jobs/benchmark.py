@@ -34,7 +34,7 @@ the same task through the whole job with the written set and with random K-sets 
 `plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local tree of
 N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files, error rows in
 files of their own, a mask of B random bytes per ok row), then, in a fresh process, runs the planning steps of
-`pipeline.job.autolabel` (listing, resume index, done keys, shard counts, work items) and reports the time of each,
+`pipeline.labelling.job.autolabel` (listing, resume index, done keys, shard counts, work items) and reports the time of each,
 the driver's peak and baseline RSS, and the bytes the resume index read as a share of `labels/`'s size.
 
 `export` writes outputs of `--rows` rows of hand-drawn class maps and exports each to every format in a fresh
@@ -364,7 +364,7 @@ def _measured_job(job: dict) -> dict:
     """Run the job on a fresh local Ray; its summary and the peak memory of every process."""
     import ray
 
-    from pipeline.job import autolabel
+    from pipeline.labelling.job import autolabel
 
     ray.shutdown()
     with ProcessPeaks() as peaks:
@@ -478,8 +478,8 @@ def benchmark_cpu_stages(args: argparse.Namespace) -> None:
     (`preprocess`, with and without `input.jpeg_draft`) and upsample + PNG + counts (`postprocess`), at each
     `--sizes`; then the cores one GPU needs to be kept busy at `--gpu-images-per-second`."""
     from model.processing import build_palette
-    from pipeline.postprocess import postprocess
-    from pipeline.preprocess import preprocess
+    from pipeline.labelling.postprocess import postprocess
+    from pipeline.labelling.preprocess import preprocess
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -541,7 +541,7 @@ class CountingFileSystem(LocalFileSystem):
     """A local filesystem whose opened files count the bytes they return (`bytes_read`, over all threads).
 
     Only reads through `open` are counted (read, read1, readinto, readinto1), not listings; pass it as the `fs`
-    of `pipeline.resume.read_index` to see what the index reads from storage.
+    of `pipeline.labelling.plan.read_index` to see what the index reads from storage.
     """
 
     cachable = False  # a counter of its own per instance, never fsspec's shared LocalFileSystem
@@ -656,7 +656,7 @@ def _write_inputs(folder: Path, inputs: int) -> None:
 def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_bytes: int) -> None:
     """`rows` rows in batches of 256 through the job's `LabelWriter` (png=False): ok rows to one file, error rows
     to one of their own. Each batch is built as Arrow arrays (no Python object per mask)."""
-    from pipeline.write import LabelWriter
+    from pipeline.labelling.write import LabelWriter
 
     (out.parent / "labels.done.json").unlink(missing_ok=True)
     if out.exists():
@@ -674,7 +674,7 @@ def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_b
 
 
 def _labels_batch(indices: np.ndarray, inputs: int, mask_bytes: int, source_prefix: str, start_us: int) -> pa.Table:
-    from pipeline.write import LABELS_SCHEMA
+    from pipeline.storage.output import LABELS_SCHEMA
 
     n = len(indices)
     error = indices % PLAN_ERROR_EVERY == PLAN_ERROR_EVERY - 1
@@ -753,15 +753,15 @@ def _rchar() -> int:
 
 
 def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tuple[dict, pa.Table]:
-    """The planning of `pipeline.job.autolabel` on a resume (on_mismatch refuse), step by step, in its order: listing
+    """The planning of `pipeline.labelling.job.autolabel` on a resume (on_mismatch refuse), step by step, in its order: listing
     (in `plan`), index, foreign labels (the refusal check), then `_pending_work`: done keys, skipped, work items.
 
     Returns the numbers of each step (seconds; RSS and peak RSS after it, KiB; Arrow's allocation after it) and
     the work items. Keeps what autolabel keeps alive (listing, index, done keys, work) until the end.
     """
-    from pipeline.config import InputConfig
-    from pipeline.read import list_inputs, pending_inputs, shard_of
-    from pipeline.resume import done_keys, foreign_labels, read_index, shard_images
+    from pipeline.labelling import InputConfig
+    from pipeline.storage.listing import list_inputs
+    from pipeline.labelling.plan import done_keys, foreign_labels, pending_inputs, read_index, shard_images, shard_of
 
     steps: dict[str, dict] = {}
     pool = pa.default_memory_pool()
@@ -814,7 +814,7 @@ def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tup
 
 def _plan_child(inputs_uri: str, output_root: str) -> None:
     """Body of the measuring process: import what the job's driver imports, then plan and print JSON."""
-    import pipeline.job  # noqa: F401  (torch, Ray, pyarrow, fsspec: the driver's baseline)
+    import pipeline.labelling.job  # noqa: F401  (torch, Ray, pyarrow, fsspec: the driver's baseline)
 
     baseline = {"rss_kib": _rss_kib(), "import_peak_rss_kib": _peak_kib()}
     numbers, _ = plan_steps(inputs_uri, output_root, CountingFileSystem())
@@ -873,7 +873,7 @@ def benchmark_plan(args: argparse.Namespace) -> None:
               f"{s['arrow_bytes'] / 2**20:9.0f} MiB{s['arrow_peak_bytes'] / 2**20:8.0f} MiB")
     print(f"  {'total':<16}{numbers['total_seconds']:9.2f}")
     peak = numbers["planning_peak_rss_kib"]
-    print(f"  driver RSS: baseline {base['rss_kib'] / mib:.0f} MiB after imports (pipeline.job: torch, Ray), peak "
+    print(f"  driver RSS: baseline {base['rss_kib'] / mib:.0f} MiB after imports (pipeline.labelling.job: torch, Ray), peak "
           f"while planning {peak / mib:.0f} MiB (VmHWM), so planning added {(peak - base['rss_kib']) / mib:.0f} MiB; "
           f"ru_maxrss {numbers['peak_rss_kib'] / mib:.0f} MiB at the end (reset with VmHWM before each step; "
           f"{base['import_peak_rss_kib'] / mib:.0f} MiB after the imports); Arrow's peak allocation "
@@ -896,8 +896,8 @@ def benchmark_heldout(args: argparse.Namespace) -> None:
     import ray
 
     from jobs.demo.build import write_sample
-    from pipeline.evaluate import evaluate
-    from pipeline.job import autolabel
+    from pipeline.results.evaluate import evaluate
+    from pipeline.labelling.job import autolabel
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     scores = []
@@ -922,9 +922,9 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
     """select-prompts and tune on held-out synthetic pools: validation mean IoU of each choice."""
     import ray
 
-    from pipeline.select import select_prompts
-    from pipeline.synthetic import random_task, render
-    from pipeline.tune import tune
+    from pipeline.prompts.select import select_prompts
+    from pipeline.training.synthetic import random_task, render
+    from pipeline.prompts.tune import tune
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     records = []
@@ -971,10 +971,10 @@ def benchmark_select(args: argparse.Namespace) -> None:
     through the whole job with the written set and with random K-sets of the pool, all scored by `evaluate`."""
     import ray
 
-    from pipeline.evaluate import evaluate
-    from pipeline.job import autolabel
-    from pipeline.select import select_prompts
-    from pipeline.synthetic import random_task, render
+    from pipeline.results.evaluate import evaluate
+    from pipeline.labelling.job import autolabel
+    from pipeline.prompts.select import select_prompts
+    from pipeline.training.synthetic import random_task, render
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     classes = [f"class{c}" for c in range(1, args.classes + 1)]
@@ -1030,7 +1030,8 @@ def benchmark_select(args: argparse.Namespace) -> None:
 def _export_output(folder: Path, rows: int, side: int) -> str:
     """A job output of `rows` ok rows, each a `side`-square class map of four random rectangles and discs."""
     from model.processing import build_palette, encode_png
-    from pipeline.write import LabelWriter, write_job_files
+    from pipeline.labelling.write import LabelWriter
+    from pipeline.storage.output import write_job_files
 
     uri = str(folder / f"out-{rows}")
     writer, palette = LabelWriter(uri, {}, png=False), build_palette(2)
@@ -1059,7 +1060,7 @@ def _export_output(folder: Path, rows: int, side: int) -> str:
 
 def _measured_export(uri: str, fmt: str, to: str) -> dict:
     """Export in this (child) process: seconds and peak RSS."""
-    from pipeline.export import export
+    from pipeline.results.export import export
 
     start = time.perf_counter()
     summary = export(uri, fmt, to=to, log=lambda line: None)

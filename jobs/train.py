@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.autolabel import main
+from jobs.cli import main
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from model.checkpoint import CheckpointError, check_checkpoint, hf_to_native, load_model
 from model.config import SegGptConfig
-from model.seggpt import SegGpt, SegGptOutput
+from model.seggpt import SegGpt, SegGptOutput, auto_attention
 
-__all__ = ["CheckpointError", "SegGpt", "SegGptConfig", "SegGptOutput", "check_checkpoint", "hf_to_native", "load_model"]
+__all__ = [
+    "CheckpointError", "SegGpt", "SegGptConfig", "SegGptOutput", "auto_attention", "check_checkpoint", "hf_to_native",
+    "load_model",
+]

@@ -19,7 +19,6 @@ class SegGptConfig:
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-6
     image_size: list[int] = field(default_factory=lambda: [896, 448])  # (2 * H, W): prompt above input
@@ -81,7 +80,8 @@ class SegGptConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SegGptConfig":
-        """Build from a Hugging Face config dict; keys this model does not use are ignored."""
+        """Build from a Hugging Face config dict; keys this model does not use (e.g. `hidden_dropout_prob`: it has no
+        dropout) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 

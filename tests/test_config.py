@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import _SECTIONS, _TUNE_SECTIONS, ConfigError, JobConfig, load_config, load_tune_config
-from pipeline.tune import tune
+from pipeline.config import Config, ConfigError
+from pipeline.labelling import JobConfig, load_config
+from pipeline.prompts import TuneConfig, load_tune_config
+from pipeline.prompts.tune import tune
 
 MINIMAL = {
     "input": {"uri": "s3://data/images/"},
@@ -19,6 +20,11 @@ MINIMAL = {
     "model": {"checkpoint": "s3://models/seggpt"},
     "output": {"uri": "s3://data/labels-out"},
 }
+
+
+def sections(config: type[Config]) -> dict[str, type]:
+    """The section models of a whole config, by name (every field but `storage_options`)."""
+    return {name: field.annotation for name, field in config.model_fields.items() if name != "storage_options"}
 
 
 def with_change(dotted: str, value: object) -> dict:
@@ -195,8 +201,8 @@ def test_example_config_of_the_docs_is_valid():
     config = load_config(example)
     assert config.compute.actors == (1, 4) and config.prompts.classes == ("car", "truck", "bicycle")
     raw = yaml.safe_load(example.read_text())
-    for name, section in _SECTIONS.items():  # it shows every key there is
-        assert sorted(raw[name]) == sorted(field.name for field in dataclasses.fields(section)), name
+    for name, section in sections(JobConfig).items():  # it shows every key there is
+        assert sorted(raw[name]) == sorted(section.model_fields), name
     assert (config.input.max_pixels, config.storage.retry_s) == (100_000_000, 300.0)
 
 
@@ -212,8 +218,8 @@ def test_tune_config_of_the_docs_shows_every_key_and_bad_ones_are_refused():
     config = load_tune_config(example)
     assert config.prompt.classes == ("road", "car", "person") and config.data.val_fraction == 0.25
     raw = yaml.safe_load(example.read_text())
-    for name, section in _TUNE_SECTIONS.items():
-        assert sorted(raw[name]) == sorted(field.name for field in dataclasses.fields(section)), name
+    for name, section in sections(TuneConfig).items():
+        assert sorted(raw[name]) == sorted(section.model_fields), name
     with pytest.raises(ConfigError, match=r"^prompt.classes: missing required key"):
         load_tune_config({**raw, "prompt": {"uri": "s3://b/p"}})
     with pytest.raises(ConfigError, match=r"^train.lr: expected a number, got 'fast'"):

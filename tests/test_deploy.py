@@ -17,8 +17,8 @@ import fsspec
 import jsonschema
 import yaml
 
-from pipeline.config import load_config
-from pipeline.job import dry_run
+from pipeline.labelling import load_config
+from pipeline.labelling.job import dry_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "jobs" / "deploy"

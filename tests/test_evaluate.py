@@ -14,10 +14,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.evaluate import evaluate, report, table
-from pipeline.write import LabelWriter, write_job_files
+from pipeline.results.evaluate import evaluate, report, table
+from pipeline.labelling.write import LabelWriter
+from pipeline.storage.output import write_job_files
 from test_read import parquet_bytes, tar_bytes
 from test_write import batch, result
 
@@ -113,8 +114,7 @@ def test_hand_made_case_with_ignore_pixels_missing_and_unusable(place, capsys):
     assert scores.missing["e.jpg"].startswith("mask cannot be decoded: ")
     assert scores.unusable == {"f.jpg": "truth ids [7] are neither classes 0..2 nor the ignore index 255"}
 
-    assert cli(["evaluate", "--labels", output, "--truth", truth, "--storage-options", json.dumps(options),
-                "--lowest", "2"]) == 0
+    assert cli(["evaluate", output, "--truth", truth, "--storage-options", json.dumps(options), "--lowest", "2"]) == 0
     printed = capsys.readouterr().out
     assert "mean IoU (foreground) 0.417" in printed and "ignore index 255 (5 pixels)" in printed
     assert "images compared 1, missing 3, unusable truth 1" in printed and "unusable: f.jpg: truth ids [7]" in printed
@@ -162,14 +162,14 @@ def test_ignore_index_options_against_mmseg_on_many_images(tmp_path, capsys):
     for t in truths.values():  # 255 back to class 2; class 1 ignored instead
         t[t == 255] = 2
     put(truth, {}, {key.replace(".jpg", ".png"): png(t) for key, t in truths.items()})
-    assert cli(["evaluate", "--labels", output, "--truth", truth, "--ignore-index", "1", "--json",
+    assert cli(["evaluate", output, "--truth", truth, "--ignore-index", "1", "--json",
                 str(tmp_path / "scores.json")]) == 0
     iou, accuracy = mmseg_counts([(truths[k], preds[k]) for k in keys], 3, 1)
     written = json.loads((tmp_path / "scores.json").read_text())
     assert list(written["iou"].values()) == pytest.approx(iou) and written["pixel_accuracy"] == pytest.approx(accuracy)
     assert written["ignore_index"] == 1 and written["compared"] == 12
     with pytest.raises(SystemExit) as refused:
-        cli(["evaluate", "--labels", output, "--truth", truth, "--ignore-index", "x"])
+        cli(["evaluate", output, "--truth", truth, "--ignore-index", "x"])
     assert refused.value.code == 2 and "expected a label value (0..65535) or none, got 'x'" in capsys.readouterr().err
 
 
@@ -235,5 +235,5 @@ def test_png_images_scored_against_a_folder_of_masks_named_like_them(tmp_path):
 
 
 def test_an_output_that_is_not_there_is_refused(tmp_path, capsys):
-    assert cli(["evaluate", "--labels", str(tmp_path / "nothing"), "--truth", str(tmp_path)]) == 2
-    assert "--labels" in capsys.readouterr().err
+    assert cli(["evaluate", str(tmp_path / "nothing"), "--truth", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'nothing'}: no _job.json" in capsys.readouterr().err

@@ -14,10 +14,11 @@ import yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.export import export
-from pipeline.write import LabelWriter, write_job_files
+from pipeline.results.export import export
+from pipeline.labelling.write import LabelWriter
+from pipeline.storage.output import write_job_files
 from test_write import batch, result
 
 CLASSES = ["background", "bar", "disc"]
@@ -165,7 +166,7 @@ def test_cli_refuses_unknown_classes(output, capsys):
 
 def test_outputs_from_before_class_scores_still_export_and_review(tmp_path):
     """A labels file without the `class_scores` column (written before it existed) beside a current one."""
-    from pipeline.review import review
+    from pipeline.results.review import review
 
     uri = str(tmp_path / "out")
     maps = {f"old/{i}.jpg": scene(i)[0] for i in range(3)}

@@ -19,10 +19,10 @@ import ray
 import yaml
 from moto.server import ThreadedMotoServer
 
-from jobs.autolabel import main as cli
-from pipeline.job import build_dataset, plan
-from pipeline.prompts import PromptSet
-from pipeline.storage import Retry, StorageUnavailable, is_transient, storage_failure
+from jobs.cli import main as cli
+from pipeline.labelling.job import build_dataset, plan
+from pipeline.prompts.sets import PromptSet
+from pipeline.storage.retry import Retry, StorageUnavailable, is_transient, storage_failure
 from model.processing import decode_png
 from tests.test_job import expected_map, long_job, own_processes, read_labels
 

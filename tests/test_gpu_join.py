@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.labelling import load_config
 from test_job import job_config, make_assets, TINY, encoded, picture
 from test_node_failure import run_cluster_script
 
@@ -26,8 +27,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.core.generated import autoscaler_pb2, gcs_pb2
 
-from pipeline.config import load_config
-from pipeline.job import autolabel, resolve_compute
+from pipeline.labelling import autolabel, load_config, resolve_compute
 
 config = json.loads(Path(sys.argv[1]).read_text())
 result_path = Path(sys.argv[2])

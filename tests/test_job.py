@@ -25,14 +25,14 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from safetensors.torch import save_file
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model import SegGpt, SegGptConfig, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
 from model.processing import decode_png, masks_to_class_ids, normalize, prepare_image, upsample_class_map
-from pipeline.export import export
-from pipeline.job import autolabel
-from pipeline.review import review
-from pipeline.prompts import load_prompt_set, tuned_prompt_bytes
+from pipeline.results.export import export
+from pipeline.labelling.job import autolabel
+from pipeline.results.review import review
+from pipeline.prompts.sets import load_prompt_set, tuned_prompt_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=[64, 32], patch_size=8,
@@ -298,7 +298,7 @@ def test_resume_after_killed_driver(tmp_path, ray_session):
     output = tmp_path / "out"
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "jobs.autolabel", "run", str(config_path)]
+    command = [sys.executable, "-m", "jobs.cli", "run", str(config_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
 
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
@@ -324,7 +324,7 @@ def test_resume_after_killed_driver(tmp_path, ray_session):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}  # not the test session's Ray
-    return subprocess.run([sys.executable, "-m", "jobs.autolabel", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -364,7 +364,7 @@ def test_a_daily_rerun_labels_exactly_the_new_images_and_touches_nothing_else(as
 REFUSALS_CHILD = """
 import contextlib, io, json, sys
 import ray
-from jobs.autolabel import main
+from jobs.cli import main
 results = []
 for path in sys.argv[1:]:
     stderr = io.StringIO()

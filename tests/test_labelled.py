@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
-from pipeline.read import InputError
-from pipeline.synthetic import random_task, render
-from pipeline.train import read_log, train
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.storage.listing import InputError
+from pipeline.training.synthetic import random_task, render
+from pipeline.training.checkpoints import read_log
+from pipeline.training.train import train
 from test_read import tar_bytes
 from test_train import TINY
 

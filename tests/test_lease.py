@@ -15,8 +15,9 @@ import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.lease import LEASE_FILE, LOCK_FILE, OutputError, OutputLease
-from pipeline.storage import Retry
+from pipeline.storage.lease import LEASE_FILE, LOCK_FILE, OutputLease
+from pipeline.storage.output import OutputError
+from pipeline.storage.retry import Retry
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -165,7 +166,7 @@ def outage(s3_bucket):
 def test_after_an_outage_longer_than_the_lease_the_holder_writes_nothing(outage):
     """The holder is cut off for longer than its lease lasts; a second run takes the output meanwhile. When storage
     comes back, the first run's writes (through its lease's retry) stop with `LeaseLost`: one writer at a time."""
-    from pipeline.lease import LeaseLost
+    from pipeline.storage.lease import LeaseLost
 
     bucket, holder_options, options, proxy = outage
     root = f"{bucket}/out"
@@ -204,7 +205,7 @@ def test_a_run_that_ends_in_a_refusal_or_a_storage_failure_releases_its_lease(ou
     """What `autolabel` raises for exit 2 (a refusal inside the lease) and exit 3 (storage gone past the budget, back
     by the time the run ends) leaves no lease: the rerun starts at once, from any host. A release that cannot reach
     storage gives up within seconds."""
-    from pipeline.storage import StorageUnavailable
+    from pipeline.storage.retry import StorageUnavailable
 
     bucket, holder_options, options, proxy = outage
     root = f"{bucket}/out"

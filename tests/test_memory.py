@@ -40,7 +40,7 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_a_ray_data_actor_keeps_freed_memory_only_with_the_environment(ray_session):
     """A Ray Data actor runs its batches on a thread of its own, where `keep_freed_memory` (called in the
     constructor, as the inference actor once did) does not hold: every large block is mapped afresh. Started with
-    `KEEP_FREED_MEMORY_ENV`, as `pipeline.job` starts the inference actor, the same thread reuses freed blocks."""
+    `KEEP_FREED_MEMORY_ENV`, as `pipeline.labelling.job` starts the inference actor, the same thread reuses freed blocks."""
     import ray
 
     from model.memory import KEEP_FREED_MEMORY_ENV
@@ -73,7 +73,7 @@ def test_a_ray_data_actor_keeps_freed_memory_only_with_the_environment(ray_sessi
             batch["main_thread"] = np.array([threading.current_thread() is threading.main_thread()])
             return batch
 
-    # Both actors in one dataset: the first as the inference actor once was, the second as `pipeline.job` starts it.
+    # Both actors in one dataset: the first as the inference actor once was, the second as `pipeline.labelling.job` starts it.
     rows = ray.data.range(1).map_batches(
         Rounds, fn_constructor_args=(True,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=1, num_cpus=0.5
     ).map_batches(

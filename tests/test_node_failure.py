@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.job import autolabel
+from pipeline.labelling.job import autolabel
 
 config = json.loads(Path(sys.argv[1]).read_text())
 result_path = Path(sys.argv[2])

@@ -26,11 +26,11 @@ from model import SegGpt, load_model
 from model.processing import (build_palette, decode_png, masks_to_class_ids, normalize, prepare_image, prepare_mask,
                               upsample_class_map)
 from model.seggpt import Attention
-from pipeline.infer import SegGptPredictor
-from pipeline.job import autolabel
-from pipeline.lease import OutputError
-from pipeline.prompts import load_prompt_set
-from pipeline.storage import Retry
+from pipeline.labelling.infer import SegGptPredictor
+from pipeline.labelling.job import autolabel
+from pipeline.storage.output import OutputError
+from pipeline.prompts.sets import load_prompt_set
+from pipeline.storage.retry import Retry
 from test_job import CLASSES, TINY, encoded, job_config, make_assets, picture, read_labels
 
 # build_palette(2) by the README's rule: base = int(2 ** (1/3)) + 1 = 2, margin 256 // 2 = 128; class i >= 1 is

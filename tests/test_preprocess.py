@@ -1,4 +1,4 @@
-"""Preprocess (`pipeline.preprocess`): encoded bytes -> uint8 pixels at the model size, or an error row.
+"""Preprocess (`pipeline.labelling.preprocess`): encoded bytes -> uint8 pixels at the model size, or an error row.
 
 Batches are built the way Ray Data hands them to `map_batches(batch_format="numpy")`: an Arrow block with
 the read stage's schema converted by Ray's own block accessor (no Ray cluster needed).
@@ -21,8 +21,8 @@ from PIL import ExifTags, Image, ImageOps
 from ray.data.block import BlockAccessor
 
 from model.processing import prepare_image
-from pipeline.preprocess import preprocess
-from pipeline.read import READ_SCHEMA
+from pipeline.labelling.preprocess import preprocess
+from pipeline.storage.formats import READ_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def _grey_png(width: int, height: int, rows: int | None = None) -> bytes:
 
 BOMB_CHILD = """
 import sys
-from pipeline.preprocess import preprocess
+from pipeline.labelling.preprocess import preprocess
 from tests.test_preprocess import _batch, _grey_png
 
 def peak_kib():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model import processing as P
-from pipeline.postprocess import postprocess
+from pipeline.labelling.postprocess import postprocess
 
 ref_module = pytest.importorskip("transformers.models.seggpt.image_processing_pil_seggpt")
 

@@ -16,15 +16,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model import load_model
 from model.processing import (build_palette, decode_png, masks_to_class_ids, prepare_image, prepare_mask,
                               upsample_class_map)
-from pipeline.job import autolabel
-from pipeline.metrics import Evaluation
-from pipeline.prompts import tuned_prompt_bytes
-from pipeline.select import default_val_fraction, keep_step
-from pipeline.synthetic import random_task, render
+from pipeline.labelling.job import autolabel
+from pipeline.results.metrics import Evaluation
+from pipeline.prompts.sets import tuned_prompt_bytes
+from pipeline.prompts.select import default_val_fraction, keep_step
+from pipeline.training.synthetic import random_task, render
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "jobs" / "demo" / "checkpoint"  # the bundled trained model

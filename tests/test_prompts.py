@@ -1,4 +1,4 @@
-"""The prompt set (`pipeline.prompts`): layouts, mask formats, EXIF, fingerprint and the errors that stop a job."""
+"""The prompt set (`pipeline.prompts.sets`): layouts, mask formats, EXIF, fingerprint and the errors that stop a job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import ExifTags, Image, ImageOps
 from safetensors.torch import save as safetensors_bytes
 
 from model.processing import build_palette, encode_png, prepare_image, prepare_mask
-from pipeline.prompts import PromptSet, PromptSetError, load_prompt_set, tuned_prompt_bytes
+from pipeline.prompts.sets import PromptSet, PromptSetError, load_prompt_set, tuned_prompt_bytes
 
 CLASSES = ("cat", "dog", "car")
 N = len(CLASSES)

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import read
-from pipeline.config import InputConfig
-from pipeline.read import InputError, count_inputs, list_inputs, pending_inputs, read_inputs
-from pipeline.storage import Retry
+from pipeline.labelling import InputConfig
+from pipeline.labelling.plan import InputCount, count_inputs, pending_inputs
+from pipeline.storage.formats import READ_SCHEMA, read_inputs
+from pipeline.storage.listing import LISTING_SCHEMA, InputError, list_inputs
+from pipeline.storage.retry import Retry
 
 
 def png(shade: int) -> bytes:
@@ -87,7 +88,7 @@ def read_all(config: InputConfig, options: dict, skip: set[str] = frozenset()):
     return read_inputs(work, image_column=config.image_column, storage_options=options, retry=Retry(5))
 
 
-def count(config: InputConfig, options: dict, skip: set[str]) -> read.InputCount:
+def count(config: InputConfig, options: dict, skip: set[str]) -> InputCount:
     listing = list_inputs(config, options)
     return count_inputs(listing, config.image_column, options, retry=Retry(5), done=pa.array(sorted(skip), pa.string()))
 
@@ -100,7 +101,7 @@ def test_loose_files_in_nested_folders(store, ray_session):
     store.put("sub/.hidden.png", png(5))
     config = InputConfig(uri=store.root)
 
-    assert count(config, store.options, {"a.png"}) == read.InputCount(4, 4, 1)
+    assert count(config, store.options, {"a.png"}) == InputCount(4, 4, 1)
     dataset = read_all(config, store.options)
     store.remove("sub/deep/gone.png")  # listed, then gone before the read: an error row
     rows = rows_by_key(dataset)
@@ -153,7 +154,7 @@ def test_webdataset_shards(store, ray_session):
     config = InputConfig(uri=store.root)
     skip = {"shards/000.tar/0002.png"}
 
-    assert count(config, store.options, skip) == read.InputCount(4, 4 + 1 + 1 + 1, 1)
+    assert count(config, store.options, skip) == InputCount(4, 4 + 1 + 1 + 1, 1)
     rows = rows_by_key(read_all(config, store.options, skip))
 
     expected = {
@@ -192,7 +193,7 @@ def test_parquet_shards_raw_bytes_and_hf_struct(store, ray_session):
     config = InputConfig(uri=store.uri("pq"), format="parquet")
     skip = {"raw.parquet/0", "raw.parquet/1", "raw.parquet/3"}  # row group 0 entirely, one row of group 1
 
-    assert count(config, store.options, skip) == read.InputCount(3, 5 + 3 + 1, 3)
+    assert count(config, store.options, skip) == InputCount(3, 5 + 3 + 1, 3)
     rows = rows_by_key(read_all(config, store.options, skip))
 
     assert set(rows) == {
@@ -217,7 +218,7 @@ def test_skip_keys_drop_loose_files_before_reading(tmp_path, ray_session):
     config = InputConfig(uri=store.root)
     assert set(rows_by_key(read_all(config, {}, {"0.png", "2.png"}))) == {"1.png"}
     everything_done = read_all(config, {}, {"0.png", "1.png", "2.png"})
-    assert everything_done.count() == 0 and everything_done.schema().names == read.READ_SCHEMA.names
+    assert everything_done.count() == 0 and everything_done.schema().names == READ_SCHEMA.names
 
 
 def test_shard_rows_carry_the_shard_image_count(store, ray_session):
@@ -240,7 +241,7 @@ def test_pending_inputs_drop_finished_shards_and_done_files():
                        "file:///d/t.parquet", "file:///d/u.tar"],
             "kind": ["images", "images", "images", "webdataset", "parquet", "webdataset"],
         },
-        schema=read.LISTING_SCHEMA,
+        schema=LISTING_SCHEMA,
     )
     done = pa.array(sorted(["a.jpg", "dir.tar/x/0.jpg", "s.tar/0.jpg", "s.tar/d/1.jpg", "t.parquet/0",
                             "t.parquet/1", "u.tar/0.jpg", "gone.tar/0.jpg"]))

@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model.processing import decode_png
-from pipeline.job import autolabel
+from pipeline.labelling.job import autolabel
 from test_job import (CLASSES, REFUSALS_CHILD, REPO, TINY, encoded, expected_map, job_config, make_assets, picture,
                       read_labels)
 from test_read import tar_bytes
@@ -204,7 +204,7 @@ def test_two_runs_on_one_output_at_once(assets, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
-    command = [sys.executable, "-m", "jobs.autolabel", "run", str(path)]
+    command = [sys.executable, "-m", "jobs.cli", "run", str(path)]
     runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     results = [(run.wait(timeout=300), *run.communicate()) for run in runs]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.review import review
-from pipeline.write import LabelWriter, write_job_files
+from pipeline.results.review import review
+from pipeline.labelling.write import LabelWriter
+from pipeline.storage.output import write_job_files
 from test_write import batch, result
 
 CLASSES = ["background", "bar", "disc"]

@@ -17,10 +17,10 @@ import pytest
 import ray
 import yaml
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model.processing import decode_png
-from pipeline.job import autolabel
-from pipeline.write import key_path
+from pipeline.labelling.job import autolabel
+from pipeline.storage.output import key_path
 from tests.test_job import TINY, encoded, expected_map, job_config, make_assets, picture, read_labels
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.autolabel import main as cli
+from jobs.cli import main as cli
 from model import SegGpt, SegGptConfig, load_model
 from pipeline.config import ConfigError
-from pipeline.synthetic import random_task, render, task_pair
-from pipeline.train import read_log, synthetic_batch, train
+from pipeline.training.synthetic import random_task, render, task_pair
+from pipeline.training.checkpoints import read_log
+from pipeline.training.train import synthetic_batch, train
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=[64, 32], patch_size=8,
             pretrain_image_size=32, decoder_hidden_size=8, merge_index=0, intermediate_hidden_state_indices=[0, 1],
@@ -119,7 +120,7 @@ def test_synthetic_tasks_are_pairs_of_one_task_with_every_class():
 
 
 def test_the_demo_training_config_loads():
-    from pipeline.config import load_train_config
+    from pipeline.training import load_train_config
 
     config = load_train_config(Path(__file__).parents[1] / "jobs" / "configs" / "train-demo.yaml")
     model = SegGpt(SegGptConfig.from_dict(config.model.config))

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.autolabel import DEMO
+from jobs.cli import DEMO
 from jobs.demo.build import write_sample
-from pipeline.evaluate import evaluate, table
-from pipeline.job import autolabel
+from pipeline.results.evaluate import evaluate, table
+from pipeline.labelling.job import autolabel
 from test_read import tar_bytes
 
 MEAN_IOU_FLOOR = 0.4  # per held-out task (0.42 to 0.64 here); over ten tasks the mean is 0.62 (README)

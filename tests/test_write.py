@@ -17,9 +17,9 @@ import pytest
 import ray.data
 from PIL import Image
 
-from pipeline.resume import clean_labels, done_keys, read_index
-from pipeline.write import (LABELS_SCHEMA, RAN_COLUMNS, LabelWriter, labels_file_name, prepare_output,
-                            write_job_files)
+from pipeline.labelling.plan import clean_labels, done_keys, read_index
+from pipeline.storage.output import LABELS_SCHEMA, RAN_COLUMNS, labels_file_name, prepare_output, write_job_files
+from pipeline.labelling.write import LabelWriter
 
 START = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 MODEL, PROMPT_SET = "seggpt-test", "prompts-test"

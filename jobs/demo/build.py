@@ -1,7 +1,7 @@
 """Rebuild the demo bundle: `python -m jobs.demo.build [--checkpoint DIR]` writes images/, truth/, prompts/ and
 classes.json beside this file, and copies a trained checkpoint (`config.json` + `model.safetensors`) into checkpoint/.
 
-The sample is one synthetic task (`pipeline.synthetic`) drawn from a seed that training never uses: two prompts and
+The sample is one synthetic task (`pipeline.training.synthetic`) drawn from a seed that training never uses: two prompts and
 twelve images of its two classes, with the label maps of the images as ground truth (`truth/<name>.png`).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.synthetic import random_task, render
+from pipeline.training.synthetic import random_task, render
 
 HERE = Path(__file__).parent
 SEED = 20_261_126  # a stream of its own: training draws from default_rng([data seed, step, rank])

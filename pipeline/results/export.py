@@ -11,7 +11,7 @@
 
 Rows are read from `labels/` a Parquet batch at a time, never the whole table; error rows are skipped and counted.
 `classes` keeps only those classes (the others become background), `min_area` drops regions smaller than that many
-pixels. File names come from `pipeline.write.key_path`, so no key names a place outside the target.
+pixels. File names come from `pipeline.storage.output.key_path`, so no key names a place outside the target.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from model.processing import decode_png
-from pipeline.read import IMAGE_EXTENSIONS
-from pipeline.write import JOB_FILE, LABELS_DIR, key_path, label_rows
+from pipeline.storage.listing import IMAGE_EXTENSIONS
+from pipeline.storage.output import JOB_FILE, LABELS_DIR, key_path, label_rows
 
 FORMATS = ("coco", "yolo-seg", "masks")
 

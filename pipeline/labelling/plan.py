@@ -1,4 +1,8 @@
-"""What an output already holds: the resume index of `labels/`, and the cleaning that keeps each key once.
+"""What is left to do: the work items of a run (`pending_inputs`) and their count (`count_inputs`), given what an
+output already holds: the resume index of `labels/`, and the cleaning that keeps each key once.
+
+A work item (`WORK_SCHEMA`) is a listed input (`pipeline.storage.listing.LISTING_SCHEMA`) with `skip`, the keys of
+the shard's members already done; `pipeline.storage.formats.read_inputs` reads them on Ray.
 
 The index holds, for every row of every labels file, the few columns resume needs (`INDEX_COLUMNS`:
 no mask bytes). Each file is read with a column projection and without read-ahead (`cache_type="none"`),
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -27,12 +32,96 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.read import shard_of
-from pipeline.write import LABELS_DIR, LABELS_SCHEMA, labels_file_name, parquet_bytes, write_atomically
+from pipeline.storage.formats import shard_image_names
+from pipeline.storage.listing import LISTING_SCHEMA, SHARD_MEMBER_KEY
+from pipeline.storage.output import LABELS_DIR, LABELS_SCHEMA, labels_file_name, parquet_bytes, write_atomically
+from pipeline.storage.retry import Retry
 
+WORK_SCHEMA = pa.schema([*LISTING_SCHEMA, pa.field("skip", pa.list_(pa.string()))])  # skip: done member keys
 INDEX_COLUMNS = ("key", "status", "model", "prompt_set", "labeled_at", "shard_images")
 _INDEX_SCHEMA = pa.schema([LABELS_SCHEMA.field(name) for name in INDEX_COLUMNS])
 _THREADS = 16
+
+
+@dataclass(frozen=True)
+class InputCount:
+    """What `count_inputs` finds: listed files, images a full run would label, and how many to skip."""
+
+    files: int
+    images: int
+    skipped: int
+
+
+# --- the work of a run ------------------------------------------------------------------------
+
+
+def shard_of(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The shard key of each key `<shard>/<member>` of a tar member or Parquet row; null for other keys."""
+    return pc.struct_field(pc.extract_regex(keys, SHARD_MEMBER_KEY), [0])
+
+
+def pending_inputs(listing: pa.Table, done: pa.Array, shard_images: pa.Table | None = None) -> pa.Table:
+    """The work items (`WORK_SCHEMA`) of the listed inputs whose images are not all in `done`.
+
+    `done` holds the keys not to label again. A loose file in it is dropped; a shard gets the keys of
+    its done members as `skip`, and is dropped when they are all its images: `shard_images` (columns
+    `shard`, `images`, from earlier runs' rows) says how many images a shard has.
+    """
+    done = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
+    loose = pc.equal(listing["kind"], "images")
+    todo_loose = listing.filter(pc.and_(loose, pc.invert(pc.is_in(listing["key"], value_set=done))))
+    shards = listing.filter(pc.invert(loose))
+    shard_keys = shard_of(done)
+    done_members = pa.table({"shard": shard_keys, "member": done}).filter(pc.is_valid(shard_keys))
+    per_shard = done_members.group_by("shard").aggregate([("member", "list"), ("member", "count")])
+    members = pc.index_in(shards["key"], value_set=per_shard["shard"])
+    skip = pc.fill_null(per_shard["member_list"].take(members), pa.scalar([], pa.list_(pa.string())))
+    if shard_images is None:
+        shard_images = pa.table({"shard": pa.array([], pa.string()), "images": pa.array([], pa.int64())})
+    images = shard_images["images"].take(pc.index_in(shards["key"], value_set=shard_images["shard"]))
+    complete = pc.fill_null(pc.greater_equal(per_shard["member_count"].take(members), images), False)
+    shards, skip = shards.filter(pc.invert(complete)), skip.filter(pc.invert(complete))
+    work_shards = pa.table([shards["key"], shards["source"], shards["kind"], skip], schema=WORK_SCHEMA)
+    empty_skip = pa.ListArray.from_arrays(np.zeros(todo_loose.num_rows + 1, np.int32), pa.array([], pa.string()))
+    work_loose = pa.table([*todo_loose.columns, empty_skip], schema=WORK_SCHEMA)
+    return pa.concat_tables([work_shards.sort_by("key"), work_loose])
+
+
+def count_inputs(
+    listing: pa.Table,
+    image_column: str,
+    storage_options: dict[str, Any],
+    *,
+    retry: Retry,
+    done: pa.Array | None = None,
+) -> InputCount:
+    """Count the images without reading them (for --dry-run): tar headers only, Parquet row counts from the footer.
+
+    A shard that cannot be read counts as one image: a run turns it into one error row.
+    """
+    done = pa.array([], pa.string()) if done is None else done
+    loose = listing.filter(pc.equal(listing["kind"], "images"))
+    shards = listing.filter(pc.not_equal(listing["kind"], "images")).to_pylist()
+    done_members = set(done.filter(pc.is_valid(shard_of(done))).to_pylist())
+
+    def count_shard(shard: dict[str, str]) -> tuple[int, int]:
+        try:
+            names = retry(lambda: shard_image_names(shard["source"], shard["kind"], image_column, storage_options),
+                          shard["source"])
+        except Exception:
+            return 1, 0
+        return len(names), sum(f"{shard['key']}/{name}" in done_members for name in names)
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        shard_counts = list(pool.map(count_shard, shards))
+    return InputCount(
+        files=listing.num_rows,
+        images=loose.num_rows + sum(images for images, _ in shard_counts),
+        skipped=(pc.sum(pc.is_in(loose["key"], value_set=done)).as_py() or 0) + sum(n for _, n in shard_counts),
+    )
+
+
+# --- what an output holds ---------------------------------------------------------------------
 
 
 @dataclass

@@ -5,7 +5,7 @@ and the input listing (in `plan`, before Ray starts), the output's lease and, on
 settings and prompt set that made the labels already there (in `autolabel`, once Ray is joined, since the
 settings `auto` settles on depend on the cluster's GPUs: see `resolve_compute`).
 
-Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.Retry` of
+Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.retry.Retry` of
 `storage.retry_s`; past it the job raises `StorageUnavailable` naming the URI (reads: an error row instead),
 and what was written before stays valid for a resume.
 """
@@ -30,16 +30,20 @@ import ray.data
 
 from model import SegGptConfig, check_checkpoint, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
-from pipeline.config import ComputeConfig, JobConfig, load_config
-from pipeline.infer import SegGptPredictor
-from pipeline.postprocess import postprocess
-from pipeline.preprocess import preprocess
+from pipeline.labelling.config import ComputeConfig, JobConfig, load_config
+from pipeline.labelling.infer import SegGptPredictor
+from pipeline.labelling.postprocess import postprocess
+from pipeline.labelling.preprocess import preprocess
 from pipeline.prompts import PromptSet, load_prompt_set
-from pipeline.lease import OutputError, OutputLease
-from pipeline.read import count_inputs, list_inputs, pending_inputs, read_inputs, shard_of
-from pipeline.resume import LabelsIndex, clean_labels, done_keys, foreign_labels, read_index, shard_images
-from pipeline.storage import Retry, storage_failure
-from pipeline.write import RAN_COLUMNS, LabelWriter, prepare_output, read_job_file, write_job_files
+from pipeline.storage.output import OutputError
+from pipeline.storage.lease import OutputLease
+from pipeline.storage.formats import read_inputs
+from pipeline.storage.listing import list_inputs
+from pipeline.labelling.plan import LabelsIndex, clean_labels, count_inputs, done_keys, foreign_labels, pending_inputs
+from pipeline.labelling.plan import read_index, shard_images, shard_of
+from pipeline.storage.retry import Retry, storage_failure
+from pipeline.storage.output import RAN_COLUMNS, prepare_output, read_job_file, write_job_files
+from pipeline.labelling.write import LabelWriter
 
 # The writers wait on storage: they hold no CPU, so that they never keep a CPU task (compute.cpus_per_task) or
 # the model from a node, and they are not fused with postprocess, which then scales in tasks of its own.
@@ -55,7 +59,7 @@ class Plan:
     prompts: PromptSet
     model_config: SegGptConfig
     model_fingerprint: str  # of the checkpoint; a row's `model` is `label_fingerprint` of it and the settings
-    inputs: pa.Table  # pipeline.read.LISTING_SCHEMA
+    inputs: pa.Table  # pipeline.storage.listing.LISTING_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
 def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | None = None) -> ray.data.Dataset:
     """The lazy dataset of result rows, one per image of `work` (default: every input), without writing anything.
 
-    `work` is what `pipeline.read.pending_inputs` gives for the keys to skip; `compute` (default: settled here, see
-    `resolve_compute`) how the model actors run.
+    `work` is what `pipeline.labelling.plan.pending_inputs` gives for the keys to skip; `compute` (default: settled
+    here, see `resolve_compute`) how the model actors run.
     """
     config, retry = job.config, Retry(job.config.storage.retry_s)
     compute = compute or resolve_compute(config)
@@ -176,7 +180,7 @@ def autolabel(
     Raises `OutputError` (with the output untouched) when another run holds the output (before Ray starts) or, on a
     resume with `output.on_mismatch: refuse`, when its labels were made by another model, other settings or another
     prompt set (before any Ray work).
-    Raises `pipeline.storage.StorageUnavailable` when storage failed for longer than `storage.retry_s`.
+    Raises `pipeline.storage.retry.StorageUnavailable` when storage failed for longer than `storage.retry_s`.
     """
     job = plan(config, overrides)
     config, options, output = job.config, job.config.storage_options, job.config.output

@@ -1,8 +1,8 @@
 """In-context training on Ray Train: `TorchTrainer` with a plain loop, one CPU here or many GPUs on a cluster.
 
-Each worker draws its own pairs of synthetic tasks (`pipeline.synthetic`) for every step, seeded by (data seed,
+Each worker draws its own pairs of synthetic tasks (`pipeline.training.synthetic`) for every step, seeded by (data seed,
 step, rank), so a run resumed from a checkpoint sees the data it would have seen; or, with `data.uri`, pairs of
-labelled images of the user's data (`pipeline.labelled`, through Ray Data: each batch of 2B usable samples makes B
+labelled images of the user's data (`pipeline.storage.pairs`, through Ray Data: each batch of 2B usable samples makes B
 pairs, prompt and target; unusable samples are skipped and counted as `skipped`). Gradients meet through DDP;
 bfloat16 autocast on GPU. Rank 0 writes `checkpoint-<step>/` under `output.uri`: `config.json` and
 `model.safetensors` (what `load_model` reads) and `trainer.pt` (optimizer state and step, written last: a
@@ -13,15 +13,12 @@ under `output.uri` when there is one, else from `model.checkpoint`, else from ra
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import fsspec
 import numpy as np
 import ray
 import ray.train
@@ -32,12 +29,12 @@ from ray.train.torch import TorchTrainer
 
 from model import SegGpt, SegGptConfig, check_checkpoint, load_model
 from model.training import pair_batch, save_checkpoint
-from pipeline.config import ConfigError, TrainConfig, load_train_config
-from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
-from pipeline.synthetic import task_pair
+from pipeline.config import ConfigError
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.training.checkpoints import latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.training.config import TrainConfig, load_train_config
+from pipeline.training.synthetic import task_pair
 
-TRAINER_FILE = "trainer.pt"
-LOG_FILE = "train_log.jsonl"
 _MIN_LR_SHARE = 0.1  # the cosine schedule ends at this share of `train.lr`
 
 
@@ -63,26 +60,6 @@ def synthetic_batch(seed: int, step: int, rank: int, batch_size: int, size: tupl
     return pair_batch(prompt_images, prompt_labels, images, labels, rng)
 
 
-def complete_checkpoints(output_uri: str, storage_options: dict[str, Any]) -> list[tuple[str, int]]:
-    """(URI, step) of every complete checkpoint under `output_uri`, oldest first."""
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        return []
-    steps = sorted(
-        (int(name.rpartition("-")[2]), name)
-        for name in (path.rstrip("/").rpartition("/")[2] for path in fs.ls(root, detail=False))
-        if name.startswith("checkpoint-") and fs.exists(f"{root}/{name}/{TRAINER_FILE}")
-    )
-    return [(fs.unstrip_protocol(f"{root}/{name}"), step) for step, name in steps]
-
-
-def latest_checkpoint(output_uri: str, storage_options: dict[str, Any]) -> tuple[str, int] | None:
-    """(URI, step) of the newest complete checkpoint under `output_uri`, or None."""
-    checkpoints = complete_checkpoints(output_uri, storage_options)
-    return checkpoints[-1] if checkpoints else None
-
-
 def train(
     config: TrainConfig | dict | str | os.PathLike,
     overrides: tuple[str, ...] = (),
@@ -95,17 +72,8 @@ def train(
     options, data = config.storage_options, config.data
     resume = latest_checkpoint(config.output.uri, options)
     if resume is not None:
-        model_config = check_checkpoint(resume[0], storage_options=options)
         log(f"resuming from {resume[0]} (step {resume[1]})")
-    elif config.model.checkpoint is not None:
-        model_config = check_checkpoint(config.model.checkpoint, storage_options=options)
-    elif config.model.config is None:
-        raise ConfigError("model: give model.checkpoint (a checkpoint to start from) or model.config (random weights)")
-    else:
-        try:
-            model_config = SegGptConfig.from_dict(config.model.config)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.config: {error}") from None
+    model_config = _starting_config(config, resume)
     if data.uri is not None:
         source = LabelledSource(data.uri, data.format, data.image_column, data.mask_column, data.mask_field)
         items = labelled_pairs(source, options, data.num_classes)
@@ -146,13 +114,38 @@ def train(
     )
 
 
-def read_log(output_uri: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records of `train_log.jsonl` under `output_uri` (empty when there is none)."""
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
+def _starting_config(config: TrainConfig, resume: tuple[str, int] | None) -> SegGptConfig:
+    """The architecture training starts from, checked: the checkpoint resumed, `model.checkpoint` or `model.config`."""
+    options = config.storage_options
+    if resume is not None:
+        return check_checkpoint(resume[0], storage_options=options)
+    if config.model.checkpoint is not None:
+        return check_checkpoint(config.model.checkpoint, storage_options=options)
+    if config.model.config is None:
+        raise ConfigError("model: give model.checkpoint (a checkpoint to start from) or model.config (random weights)")
     try:
-        return [json.loads(line) for line in fs.cat_file(f"{root}/{LOG_FILE}").decode().splitlines() if line]
-    except FileNotFoundError:
-        return []
+        return SegGptConfig.from_dict(config.model.config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.config: {error}") from None
+
+
+def _starting_model(config: TrainConfig, resume: list | None) -> SegGpt:
+    """The model training starts from: the checkpoint resumed, `model.checkpoint`, or random weights."""
+    if resume is not None:
+        return load_model(resume[0], storage_options=config.storage_options)
+    if config.model.checkpoint is not None:
+        return load_model(config.model.checkpoint, storage_options=config.storage_options)
+    return SegGpt(SegGptConfig.from_dict(config.model.config))
+
+
+def _batches(config: TrainConfig, first_step: int, rank: int, size: tuple[int, int]) -> Iterator[tuple[dict, int]]:
+    """The worker's training batches from `first_step` on, and the count of samples skipped so far: synthetic tasks,
+    or its shard of the labelled pool."""
+    loop, seed = config.train, config.data.seed
+    if config.data.uri is None:
+        return ((synthetic_batch(seed, step, rank, loop.batch_size, size), 0) for step in range(first_step, loop.steps))
+    rng = np.random.default_rng([seed, first_step, rank])
+    return _labelled_batches(ray.train.get_dataset_shard("train"), loop.batch_size, rng)
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
@@ -165,15 +158,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     resume = loop_config["resume"]
 
     torch.manual_seed(config.data.seed)
-    if resume is not None:
-        model = load_model(resume[0], storage_options=options)
-    elif config.model.checkpoint is not None:
-        model = load_model(config.model.checkpoint, storage_options=options)
-    else:
-        model = SegGpt(SegGptConfig.from_dict(config.model.config))
-    plain_model = model
-    model.train()
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    plain_model = _starting_model(config, resume).train()
+    model = ray.train.torch.prepare_model(plain_model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     first_step, records = 0, []
     if resume is not None:
@@ -181,13 +167,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         first_step, records = state["step"], state["records"]
 
-    size = plain_model.config.input_size
-    if config.data.uri is None:
-        batches = ((synthetic_batch(config.data.seed, step, rank, loop.batch_size, size), 0)
-                   for step in range(first_step, loop.steps))
-    else:
-        rng = np.random.default_rng([config.data.seed, first_step, rank])
-        batches = _labelled_batches(ray.train.get_dataset_shard("train"), loop.batch_size, rng)
+    batches = _batches(config, first_step, rank, plain_model.config.input_size)
     losses: list[float] = []
     started = interval_start = time.monotonic()
     for step, (batch, skipped) in zip(range(first_step, loop.steps), batches):
@@ -248,19 +228,3 @@ def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (_MIN_LR_SHARE + (1 - _MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def write_checkpoint(output_uri: str, storage_options: dict[str, Any], step: int, write: Callable[[str], None],
-                     optimizer: torch.optim.Optimizer, records: list[dict]) -> None:
-    """`checkpoint-<step>/` under `output_uri`: `write(its URI)` writes what is trained, then the log and, last (it
-    marks the checkpoint complete), `trainer.pt` with the optimizer's state, the step and the log's records."""
-    uri = f"{output_uri.rstrip('/')}/checkpoint-{step:07d}"
-    write(uri)
-    fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
-    fs.pipe_file(f"{root}/{LOG_FILE}", "".join(json.dumps(record) + "\n" for record in records).encode())
-    state = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "records": records}, state)
-    fs.pipe_file(f"{root}/checkpoint-{step:07d}/{TRAINER_FILE}", state.getvalue())
-
-
-def read_trainer_state(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    fs, path = fsspec.core.url_to_fs(f"{uri}/{TRAINER_FILE}", **storage_options)
-    return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.processing import encode_png, upsample_class_map, upsampled_class_counts
-from pipeline.write import LABELS_SCHEMA, RAN_COLUMNS
+from pipeline.storage.output import LABELS_SCHEMA, RAN_COLUMNS
 
 
 def postprocess(batch: dict[str, np.ndarray], *, palette: np.ndarray, model: str, prompt_set: str) -> pa.Table:

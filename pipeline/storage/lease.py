@@ -44,7 +44,8 @@ import fsspec
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage import Retry, StorageUnavailable
+from pipeline.storage.output import OutputError
+from pipeline.storage.retry import Retry, StorageUnavailable
 
 T = TypeVar("T")
 
@@ -54,10 +55,6 @@ _MIN_TTL_S = 30.0
 _RELEASE_S = 5.0  # the most a release retries: the run is over, its storage may be gone
 _RENEW_AFTER_FAILURE_S = 2.0  # a renewal that failed is tried again this soon (or at ttl / 4, if sooner)
 _HELD: set[str] = set()  # run ids of the leases this process holds now
-
-
-class OutputError(ValueError):
-    """The output cannot take this run: another run holds it, or it holds labels this run would mix with."""
 
 
 class LeaseLost(StorageUnavailable):

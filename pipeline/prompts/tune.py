@@ -2,7 +2,7 @@
 
 The prompt (an image and a mask tensor at the model's input size, normalised) starts from a chosen prompt of a
 prompt set and is optimised with Adam on the training objective (the model's smooth-L1 on the painted target half),
-over the training part of a labelled pool (`pipeline.scoring.split_rows`: the validation part is held out, the same
+over the training part of a labelled pool (`pipeline.prompts.scoring.split_rows`: the validation part is held out, the same
 keys as `select-prompts` holds out with the same seed and fraction). Targets are painted with the job's class
 palette, so the prompt learns the colours the labelling job reads back. Gradients meet through DDP when there are
 several workers; bfloat16 autocast on GPU.
@@ -36,11 +36,13 @@ from torch import nn
 
 from model import check_checkpoint, load_model
 from model.processing import build_palette, normalize
-from pipeline.config import ConfigError, TuneConfig, load_tune_config
-from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
-from pipeline.prompts import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
-from pipeline.scoring import PromptScorer, scores, split_rows
-from pipeline.train import complete_checkpoints, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.config import ConfigError
+from pipeline.prompts.config import TuneConfig, load_tune_config
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.prompts.sets import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
+from pipeline.prompts.scoring import PromptScorer, scores, split_rows
+from pipeline.results import Evaluation
+from pipeline.training import complete_checkpoints, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
 
 PROMPT_FILE = "prompt.safetensors"
 TUNED_FILE = "tuned.safetensors"
@@ -87,13 +89,7 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
     if not 0 < data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: expected a number between 0 and 1, got {data.val_fraction}")
     size = check_checkpoint(config.model.checkpoint, storage_options=options).input_size
-    prompt_set = load_prompt_set(chosen.uri, classes=chosen.classes, mask_format=chosen.mask_format,
-                                 embedding=chosen.embedding, size=size, storage_options=options)
-    name = chosen.name or prompt_set.names[0]
-    if name not in prompt_set.names:
-        raise PromptSetError(f"prompt.name: {name!r} is not in {chosen.uri} (it has {list(prompt_set.names)})")
-    images, masks = prompt_set.tensors()
-    start = (images[prompt_set.names.index(name)].numpy(), masks[prompt_set.names.index(name)].numpy())
+    start, name = _starting_prompt(config, size)
     source = LabelledSource(data.uri, data.format, data.image_column, data.mask_column, data.mask_field)
     items = labelled_pairs(source, options, len(chosen.classes))
     resume = latest_checkpoint(config.output.uri, options)
@@ -104,39 +100,14 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
         ray.init(configure_logging=False)
     pool = read_labelled(items, source, options, size, len(chosen.classes)).materialize()
     rows = split_rows(pool, data.val_fraction, data.seed, len(chosen.classes) + 1).materialize()
-    # materialized, so that feeding the workers takes no CPU that they hold (a worker may take every CPU of a node)
-    train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5).materialize()
-    gpus = config.compute.gpus_per_worker
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with the seeded shuffle of each worker: the same data in the same order each run
-    trainer = TorchTrainer(
-        _tune_loop,
-        datasets={"train": train_rows},
-        dataset_config=DataConfig(execution_options=ingest),
-        train_loop_config={"config": config.to_dict(redact=False), "start": start,
-                           "started_from": f"{chosen.uri}#{name}", "resume": None if resume is None else list(resume)},
-        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.compute.cpus_per_worker,
-                                                           **({"GPU": 1.0} if use_gpu else {})}),
-    )
     started = time.monotonic()
-    trainer.fit()
+    _fit(config, rows, start, f"{chosen.uri}#{name}", resume)
 
     log("tune: scoring the starting prompt and every checkpoint's on the validation part")
     steps, tuned = _checkpoint_prompts(config.output.uri, options, chosen.classes, chosen.embedding, size)
     candidates = (np.stack([start[0], *(image for image, _ in tuned)]),
                   np.stack([start[1], *(mask for _, mask in tuned)]))
-    scorer = PromptScorer(config.model.checkpoint, candidates, classes=chosen.classes, embedding=chosen.embedding,
-                          storage_options=options)
-    try:
-        blocks = rows.to_numpy_refs()
-        curve = scorer.score(blocks, [[i] for i in range(len(candidates[0]))], validation=True)
-        best = int(np.argmax([evaluation.mean_iou for evaluation in curve]))  # the first of equals: the earliest
-        parts = {"training": scorer.score(blocks, [[0], [best]], validation=False),
-                 "validation": [curve[0], curve[best]]}
-    finally:
-        scorer.close()
+    curve, parts, best = _score_candidates(config, candidates, rows.to_numpy_refs())
     chosen_step = ([0] + steps)[best]
     data = tuned_prompt_bytes(torch.from_numpy(candidates[0][best]), torch.from_numpy(candidates[1][best]),
                               classes=chosen.classes, embedding=chosen.embedding, started_from=f"{chosen.uri}#{name}",
@@ -211,6 +182,58 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
                                       model=config.model.checkpoint, step=done)
             write_checkpoint(config.output.uri, options, done,
                              lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options), optimizer, records)
+
+
+def _starting_prompt(config: TuneConfig, size: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """The (image, mask) of the prompt tuning starts from, as uint8 arrays at the model's input size, and its name."""
+    chosen = config.prompt
+    prompt_set = load_prompt_set(chosen.uri, classes=chosen.classes, mask_format=chosen.mask_format,
+                                 embedding=chosen.embedding, size=size, storage_options=config.storage_options)
+    name = chosen.name or prompt_set.names[0]
+    if name not in prompt_set.names:
+        raise PromptSetError(f"prompt.name: {name!r} is not in {chosen.uri} (it has {list(prompt_set.names)})")
+    images, masks = prompt_set.tensors()
+    index = prompt_set.names.index(name)
+    return (images[index].numpy(), masks[index].numpy()), name
+
+
+def _fit(config: TuneConfig, rows: ray.data.Dataset, start: tuple[np.ndarray, np.ndarray], started_from: str,
+         resume: tuple[str, int] | None) -> None:
+    """Tune the prompt on Ray Train, on the training part of `rows`."""
+    # materialized, so that feeding the workers takes no CPU that they hold (a worker may take every CPU of a node)
+    train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5).materialize()
+    gpus = config.compute.gpus_per_worker
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if gpus == "auto" else float(gpus) > 0
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with the seeded shuffle of each worker: the same data in the same order each run
+    trainer = TorchTrainer(
+        _tune_loop,
+        datasets={"train": train_rows},
+        dataset_config=DataConfig(execution_options=ingest),
+        train_loop_config={"config": config.to_dict(redact=False), "start": start, "started_from": started_from,
+                           "resume": None if resume is None else list(resume)},
+        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.compute.cpus_per_worker,
+                                                           **({"GPU": 1.0} if use_gpu else {})}),
+    )
+    trainer.fit()
+
+
+def _score_candidates(config: TuneConfig, candidates: tuple[np.ndarray, np.ndarray], blocks: list[ray.ObjectRef],
+                      ) -> tuple[list[Evaluation], dict[str, list[Evaluation]], int]:
+    """Each candidate's validation score (the curve), the best one (the first of equals: the earliest), and the
+    first candidate's and the best's scores on each part."""
+    chosen = config.prompt
+    scorer = PromptScorer(config.model.checkpoint, candidates, classes=chosen.classes, embedding=chosen.embedding,
+                          storage_options=config.storage_options)
+    try:
+        curve = scorer.score(blocks, [[i] for i in range(len(candidates[0]))], validation=True)
+        best = int(np.argmax([evaluation.mean_iou for evaluation in curve]))
+        parts = {"training": scorer.score(blocks, [[0], [best]], validation=False),
+                 "validation": [curve[0], curve[best]]}
+    finally:
+        scorer.close()
+    return curve, parts, best
 
 
 def _checkpoint_prompts(output_uri: str, storage_options: dict[str, Any], classes: tuple[str, ...], embedding: str,

@@ -2,7 +2,7 @@
 
 Under `review/` of the output (or `to`):
 
-- `overlays/<key>.jpg` (`pipeline.write.key_path`): the image as the job labelled it (EXIF-turned when the job
+- `overlays/<key>.jpg` (`pipeline.storage.output.key_path`): the image as the job labelled it (EXIF-turned when the job
   turned it), read from its `source` (loose files, tar and Parquet shards), with each class's colour blended in, the
   outline of every region drawn, and a legend of the classes present;
 - `index.html`: the overlays in a grid, lowest score first, each with its key, score and per-class scores, and a
@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from model.processing import decode_png
-from pipeline.read import read_images
-from pipeline.write import JOB_FILE, key_path, label_rows
+from pipeline.storage.formats import read_images
+from pipeline.storage.output import JOB_FILE, key_path, label_rows
 
 REVIEW_DIR = "review"
 _COLUMNS = ["key", "source", "status", "score", "class_ids", "pixel_counts", "mask"]  # and class_scores if there

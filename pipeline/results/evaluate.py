@@ -1,5 +1,5 @@
 """Score a labelling job's output against ground truth: per-class IoU, mean IoU over foreground classes, pixel
-accuracy, and the same per image (`pipeline.metrics` holds the arithmetic and its definition).
+accuracy, and the same per image (`pipeline.results.metrics` holds the arithmetic and its definition).
 
 The truth (local or any fsspec URL) is in any layout of a labelled pool, keyed as the job keys its inputs:
 - loose label maps: for key `K`, `STEM.mask.png` (the mask of a PNG image `STEM.png`), `K.png` (as the job writes
@@ -7,7 +7,7 @@ The truth (local or any fsspec URL) is in any layout of a labelled pool, keyed a
   its `STEM.mask.png`, or any non-PNG image) is never read as truth, and an RGB PNG where a label map should be
   makes its image unusable;
 - WebDataset `.tar` shards with mask members (`0001.jpg` + `0001.seg.png`: key `shard.tar/0001.jpg`) and Parquet
-  shards with a mask column (key `shard.parquet/ROW`), read by `pipeline.labelled`'s reader (masks only; the shards'
+  shards with a mask column (key `shard.parquet/ROW`), read by `pipeline.storage.pairs`'s reader (masks only; the shards'
   masks are held as PNG bytes while the labels are scored).
 Truth is a label map (8-bit or 16-bit grey, palette indices, or 1-bit): pixel = class id, `ignore_index` (255 by
 default) for pixels that count nowhere. Truth with another id, or an RGB image, makes its image *unusable*: it is
@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from model.processing import decode_png
-from pipeline.labelled import LabelledSource, read_shard_masks
-from pipeline.metrics import DEFINITION, Evaluation, class_iou, mean_iou, missed, overlap
-from pipeline.read import InputError, list_inputs
-from pipeline.write import JOB_FILE, LABELS_DIR
+from pipeline.storage.pairs import LabelledSource, read_shard_masks
+from pipeline.results.metrics import DEFINITION, Evaluation, class_iou, mean_iou, missed, overlap
+from pipeline.storage.listing import InputError, list_inputs
+from pipeline.storage.output import JOB_FILE, LABELS_DIR
 
 _THREADS = 16
 _LABEL_MAP_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
@@ -101,7 +101,7 @@ def evaluate(labels_uri: str, truth_uri: str, *, storage_options: dict[str, Any]
     fs, root = fsspec.core.url_to_fs(labels_uri, **options)
     if classes is None:
         if not fs.exists(f"{root}/{JOB_FILE}"):
-            raise InputError(f"--labels {labels_uri}: no {JOB_FILE} there (not a job's output)")
+            raise InputError(f"{labels_uri}: no {JOB_FILE}: not the output of a labelling job")
         classes = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))["classes"]
     classes = list(classes)
     truth = Truth(truth_uri, options, mask_field=mask_field, mask_column=mask_column)

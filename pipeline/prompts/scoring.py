@@ -1,12 +1,12 @@
 """Prompt sets scored on labelled images through the model, on Ray: what `select-prompts` and `tune` measure.
 
-A labelled pool (`pipeline.labelled`) is split by a hash of each key and a seed, so a key lands on the same side in
+A labelled pool (`pipeline.storage.pairs`) is split by a hash of each key and a seed, so a key lands on the same side in
 every run and in both commands; its rows stay in Ray's object store as blocks, and long-lived actors that hold the
 model score one block per call, so that the many passes of a greedy choice load the model once. A *prompt set* is a
 list of indices into an array of prompts (normalised (P, 3, H, W) image and mask tensors); each image is labelled
 with the whole set as one feature-ensembled group, as the labelling job does (`model.predict` with `num_prompts`),
 and compared with its label map at the model's input size. The result is an `Evaluation` per set: the counts of
-`pipeline.metrics.overlap` per validation image, so that a score comes with its spread over the images.
+`pipeline.results.metrics.overlap` per validation image, so that a score comes with its spread over the images.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from model import load_model
 from model.processing import build_palette, masks_to_class_ids, normalize
-from pipeline.metrics import Evaluation, overlap
+from pipeline.results import Evaluation, overlap
 
 
 def _share(key: str, seed: int) -> float:

@@ -1,6 +1,6 @@
 """`select-prompts`: choose up to K prompts from a labelled pool, greedily, by the ensemble's validation mean IoU.
 
-The pool (any layout `pipeline.labelled` reads) is split by key (`pipeline.scoring.validation_bound`: by default 30%
+The pool (any layout `pipeline.storage.pairs` reads) is split by key (`pipeline.prompts.scoring.validation_bound`: by default 30%
 is held out, at most about 300 images, exactly that share of the keys). The candidates are `candidates` usable images of the training part drawn at
 random, plus for each class the draw lacks the first image that shows it. Each step scores every candidate added to
 the set chosen so far, as one feature-ensembled prompt set, on the whole validation part (one pass of the scoring
@@ -31,9 +31,9 @@ from PIL import Image
 
 from model import check_checkpoint
 from pipeline.config import absolute_uri
-from pipeline.metrics import Evaluation, bootstrap, class_iou, mean_iou
-from pipeline.labelled import LabelledSource, labelled_pairs, read_labelled
-from pipeline.scoring import PromptScorer, prompt_tensors, scores, split_rows
+from pipeline.results import Evaluation, bootstrap, class_iou, mean_iou
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.prompts.scoring import PromptScorer, prompt_tensors, scores, split_rows
 
 REPORT_FILE = "report.json"
 FEW_VALIDATION_IMAGES = 20  # fewer than this: a warning that the scores cannot tell sets apart
@@ -108,70 +108,108 @@ def select_prompts(
         raise SelectionError(f"need 1 <= k <= candidates and 0 < val_fraction < 1, got k={k}, "
                              f"candidates={candidates}, val_fraction={val_fraction}")
     size = check_checkpoint(checkpoint, storage_options=options).input_size
-    source = LabelledSource(pool_uri, format)
-    items = labelled_pairs(source, options, len(classes))
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    rows = read_labelled(items, source, options, size, len(classes)).materialize()
-    val_fraction = val_fraction or default_val_fraction(rows.count())
-    blocks = split_rows(rows, val_fraction, seed, len(classes) + 1).materialize().to_numpy_refs()
-    del rows
-    keys, where, validation, present, skipped = _index(blocks)
-    train = np.flatnonzero(~validation)
-    if not validation.any() or len(train) < k:
-        raise SelectionError(f"the pool has {int(validation.sum())} validation and {len(train)} training images "
-                             f"(val_fraction {val_fraction}): need at least 1 and k={k}")
+    pool = _Pool.read(LabelledSource(pool_uri, format), options, size, classes, val_fraction, seed, k)
     rng = np.random.default_rng(seed)
-    pool = _candidates(train, present, classes, candidates, rng)
-    images, labels = _fetch(blocks, where[pool])
-    shows = [frozenset(np.flatnonzero(present[i][1:]) + 1) for i in pool]
-    log(f"select-prompts: {len(pool)} candidates, {int(validation.sum())} validation images")
+    picks = _candidates(pool.train, pool.present, classes, candidates, rng)
+    images, labels = _fetch(pool.blocks, pool.where[picks])
+    names = [str(pool.keys[i]) for i in picks]
+    log(f"select-prompts: {len(picks)} candidates, {int(pool.validation.sum())} validation images")
     scorer = PromptScorer(checkpoint, prompt_tensors(images, labels, len(classes) + 1), classes=classes,
                           embedding=embedding, storage_options=options, actors=actors)
     try:
-        draws = [sorted(rng.choice(len(pool), k, replace=False).tolist()) for _ in range(random_draws)]
-        scored = scorer.score(blocks, [[i] for i in range(len(pool))] + draws, validation=True)
-        singles, random = scored[: len(pool)], scored[len(pool):]
-        chosen: list[int] = []
-        steps, step_scores = [], []
-        need = frozenset(range(1, len(classes) + 1))
-        for step in range(k):
-            covered = frozenset().union(*(shows[i] for i in chosen))
-            allowed = [i for i in range(len(pool))
-                       if i not in chosen and _can_cover(covered | shows[i], k - step - 1, shows, need)]
-            if not allowed:
-                raise SelectionError(f"no {k} candidates together show every class {list(classes)}: raise --k or "
-                                     f"--candidates")
-            evaluations = [singles[i] for i in allowed] if step == 0 else scorer.score(
-                blocks, [chosen + [i] for i in allowed], validation=True)
-            best, evaluation = max(zip(allowed, evaluations), key=lambda pair: _rank(pair[1]))
-            chosen.append(best)
-            step_scores.append(evaluation)
-            steps.append({"step": step + 1, "key": str(keys[pool[best]]), **scores(evaluation)})
-            log(f"select-prompts: step {step + 1}/{k}: + {keys[pool[best]]}, mean IoU {evaluation.mean_iou:.3f}")
+        draws = [sorted(rng.choice(len(picks), k, replace=False).tolist()) for _ in range(random_draws)]
+        scored = scorer.score(pool.blocks, [[i] for i in range(len(picks))] + draws, validation=True)
+        singles, random = scored[: len(picks)], scored[len(picks):]
+        chosen, step_scores = _greedy(scorer, pool.blocks, singles, pool.present[picks], k, classes, names, log)
     finally:
         scorer.close()
+    steps = [{"step": step, "key": names[i], **scores(evaluation)}
+             for step, (i, evaluation) in enumerate(zip(chosen, step_scores), start=1)]
     kept = keep_step(step_scores, seed)
     chosen = chosen[: kept["step"]]
-    best_single = max(range(len(pool)), key=lambda i: _rank(singles[i]))
-    names = _write_prompts(to, [keys[pool[i]] for i in chosen], images[chosen], labels[chosen], options)
+    best_single = max(range(len(picks)), key=lambda i: _rank(singles[i]))
     selection = Selection(
-        names=names, steps=steps, classes=list(classes), to=to, kept=kept,
-        warnings=_warnings(step_scores[kept["step"] - 1], int(validation.sum())),
-        best_single={"key": str(keys[pool[best_single]]), **scores(singles[best_single])},
-        random={"draws": random_draws, **_mean_scores(random, [[str(keys[pool[i]]) for i in draw] for draw in draws])},
-        counts={"training": len(train), "validation": int(validation.sum()), "candidates": len(pool),
-                "skipped": skipped},
+        names=_write_prompts(to, [names[i] for i in chosen], images[chosen], labels[chosen], options), steps=steps,
+        classes=list(classes), to=to, kept=kept,
+        warnings=_warnings(step_scores[kept["step"] - 1], int(pool.validation.sum())),
+        best_single={"key": names[best_single], **scores(singles[best_single])},
+        random={"draws": random_draws, **_mean_scores(random, [[names[i] for i in draw] for draw in draws])},
+        counts={"training": len(pool.train), "validation": int(pool.validation.sum()), "candidates": len(picks),
+                "skipped": pool.skipped},
     )
     for warning in selection.warnings:
         log(f"select-prompts: warning: {warning}")
-    report = {"pool": pool_uri, "checkpoint": checkpoint, "classes": list(classes), "k": k, "seed": seed,
-              "val_fraction": val_fraction, "embedding": embedding, "chosen": names, "kept": kept,
-              "warnings": selection.warnings, "steps": steps, "best_single": selection.best_single,
-              "random": selection.random, "counts": selection.counts}
-    fs, root = fsspec.core.url_to_fs(to, **options)
-    fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
+    _write_report(selection, pool_uri=pool_uri, checkpoint=checkpoint, k=k, seed=seed,
+                  val_fraction=pool.val_fraction, embedding=embedding, storage_options=options)
     return selection
+
+
+@dataclass
+class _Pool:
+    """The pool read once into Ray's object store, split into training and validation rows; indices into `keys`."""
+
+    blocks: list[ray.ObjectRef]
+    keys: np.ndarray  # of the usable rows, sorted
+    where: np.ndarray  # (block, row) of each
+    validation: np.ndarray  # bool per key
+    present: np.ndarray  # (keys, classes + 1) bool: which classes each image's truth shows
+    skipped: int  # unusable rows
+    val_fraction: float
+
+    @property
+    def train(self) -> np.ndarray:
+        return np.flatnonzero(~self.validation)
+
+    @classmethod
+    def read(cls, source: LabelledSource, options: dict[str, Any], size: tuple[int, int], classes: tuple[str, ...],
+             val_fraction: float | None, seed: int, k: int) -> _Pool:
+        """Read and split the pool; `SelectionError` unless it has a validation image and `k` training images."""
+        items = labelled_pairs(source, options, len(classes))
+        if not ray.is_initialized():
+            ray.init(configure_logging=False)
+        rows = read_labelled(items, source, options, size, len(classes)).materialize()
+        val_fraction = val_fraction or default_val_fraction(rows.count())
+        blocks = split_rows(rows, val_fraction, seed, len(classes) + 1).materialize().to_numpy_refs()
+        pool = cls(blocks, *_index(blocks), val_fraction)
+        if not pool.validation.any() or len(pool.train) < k:
+            raise SelectionError(f"the pool has {int(pool.validation.sum())} validation and {len(pool.train)} "
+                                 f"training images (val_fraction {val_fraction}): need at least 1 and k={k}")
+        return pool
+
+
+def _greedy(scorer: PromptScorer, blocks: list[ray.ObjectRef], singles: list[Evaluation], present: np.ndarray,
+            k: int, classes: tuple[str, ...], names: list[str], log: Callable[[str], None],
+            ) -> tuple[list[int], list[Evaluation]]:
+    """The candidates chosen step by step (each the best added to those before, among those after which the remaining
+    steps can still cover every class; `present`: the classes each candidate shows) and each step's evaluation."""
+    shows = [frozenset(np.flatnonzero(row[1:]) + 1) for row in present]
+    chosen: list[int] = []
+    step_scores: list[Evaluation] = []
+    need = frozenset(range(1, len(classes) + 1))
+    for step in range(k):
+        covered = frozenset().union(*(shows[i] for i in chosen))
+        allowed = [i for i in range(len(shows))
+                   if i not in chosen and _can_cover(covered | shows[i], k - step - 1, shows, need)]
+        if not allowed:
+            raise SelectionError(f"no {k} candidates together show every class {list(classes)}: raise --k or "
+                                 f"--candidates")
+        evaluations = [singles[i] for i in allowed] if step == 0 else scorer.score(
+            blocks, [chosen + [i] for i in allowed], validation=True)
+        best, evaluation = max(zip(allowed, evaluations), key=lambda pair: _rank(pair[1]))
+        chosen.append(best)
+        step_scores.append(evaluation)
+        log(f"select-prompts: step {step + 1}/{k}: + {names[best]}, mean IoU {evaluation.mean_iou:.3f}")
+    return chosen, step_scores
+
+
+def _write_report(selection: Selection, *, pool_uri: str | tuple[str, ...], storage_options: dict[str, Any],
+                  **request: Any) -> None:
+    """`report.json` beside the prompts: the request, what was kept and why, and every score."""
+    report = {"pool": pool_uri, **request, "classes": selection.classes, "chosen": selection.names,
+              "kept": selection.kept, "warnings": selection.warnings, "steps": selection.steps,
+              "best_single": selection.best_single, "random": selection.random, "counts": selection.counts}
+    fs, root = fsspec.core.url_to_fs(selection.to, **storage_options)
+    fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
 
 
 def _index(blocks: list[ray.ObjectRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:

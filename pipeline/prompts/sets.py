@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as safetensors_bytes
 
 from model.processing import build_palette, normalize, prepare_image, prepare_mask
+from pipeline.storage.pairs import image_mask_pairs
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _MANIFEST_EXTENSIONS = (".json", ".yaml", ".yml")
@@ -96,21 +97,11 @@ def load_prompt_set(
     for name, image_path, mask_path in pairs:
         image_bytes, mask_bytes = _read(fs, image_path), _read(fs, mask_path)
         digest.update(hashlib.sha256(image_bytes).digest() + hashlib.sha256(mask_bytes).digest())
-        image = _open(image_bytes, image_path)
-        image = ImageOps.exif_transpose(image)
-        mask = _open(mask_bytes, mask_path)
-        mask = np.asarray(mask.convert("RGB")) if mask_format == "rgb" else mask
-        try:
-            images.append(prepare_image(image, size, exif_transpose=False, name=image_path))
-            if mask_format == "rgb":
-                mask = _rgb_to_labels(mask, palette, mask_path)
-            masks.append(
-                prepare_mask(mask, size, mask_format="labels", num_labels=len(classes),
-                             image_size=(image.height, image.width), name=mask_path)
-            )
-        except ValueError as error:
-            raise PromptSetError(str(error)) from error
+        image, mask = _prepared_pair(image_bytes, image_path, mask_bytes, mask_path, size=size, palette=palette,
+                                     mask_format=mask_format)
         names.append(name)
+        images.append(image)
+        masks.append(mask)
     tuned_images, tuned_masks = [], []
     for name, tuned_path in tuned:
         data = _read(fs, tuned_path)
@@ -133,6 +124,21 @@ def load_prompt_set(
     )
 
 
+def _prepared_pair(image_bytes: bytes, image_path: str, mask_bytes: bytes, mask_path: str, *, size: tuple[int, int],
+                   palette: np.ndarray, mask_format: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt's image and its mask painted in the palette's colours, both (H, W, 3) uint8 at `size`."""
+    image = ImageOps.exif_transpose(_open(image_bytes, image_path))
+    mask = _open(mask_bytes, mask_path)
+    try:
+        if mask_format == "rgb":
+            mask = _rgb_to_labels(np.asarray(mask.convert("RGB")), palette, mask_path)
+        return (prepare_image(image, size, exif_transpose=False, name=image_path),
+                prepare_mask(mask, size, mask_format="labels", num_labels=len(palette) - 1,
+                             image_size=(image.height, image.width), name=mask_path))
+    except ValueError as error:
+        raise PromptSetError(str(error)) from error
+
+
 def _folder_pairs(fs: fsspec.AbstractFileSystem, folder: str, uri: str):
     """(name, image, mask) of the folder's pairs and (name, file) of its tuned prompts."""
     files = sorted(fs.find(folder))
@@ -142,29 +148,6 @@ def _folder_pairs(fs: fsspec.AbstractFileSystem, folder: str, uri: str):
     except ValueError as error:
         raise PromptSetError(f"prompts.uri {uri}: {error}") from None
     return pairs, tuned
-
-
-def image_mask_pairs(paths: list[str], folder: str) -> list[tuple[str, str, str]]:
-    """(stem relative to `folder`, image path, mask path) for image files `NAME.<ext>` with their masks `NAME.png`
-    (`NAME.mask.png` when the image is a PNG); ValueError naming a stem without exactly one image and one mask."""
-    by_stem: dict[str, list[str]] = {}
-    for path in paths:
-        stem, _ = posixpath.splitext(posixpath.relpath(path, folder))
-        by_stem.setdefault(stem, []).append(path)
-    pairs = []
-    for stem, group in sorted(by_stem.items()):
-        if stem.endswith(".mask") and stem.removesuffix(".mask") in by_stem:
-            continue
-        if f"{stem}.mask" in by_stem:
-            mask, images = by_stem[f"{stem}.mask"][0], group
-        else:
-            mask = next((p for p in group if p.lower().endswith(".png")), None)
-            images = [p for p in group if p != mask]
-        if mask is None or len(images) != 1:
-            found = ", ".join(posixpath.basename(p) for p in group)
-            raise ValueError(f"{stem!r} needs one image and one PNG mask, found {found}")
-        pairs.append((stem, images[0], mask))
-    return pairs
 
 
 def _manifest_pairs(fs: fsspec.AbstractFileSystem, path: str, uri: str):

@@ -1,0 +1,7 @@
+"""The labelling job: plan the work (listing, resume index), run the stages (read, preprocess, infer,
+postprocess, write) on Ray Data; its config (`config`)."""
+
+from pipeline.labelling.config import InputConfig, JobConfig, load_config
+from pipeline.labelling.job import autolabel, dry_run, plan, resolve_compute
+
+__all__ = ["InputConfig", "JobConfig", "autolabel", "dry_run", "load_config", "plan", "resolve_compute"]
