@@ -114,8 +114,55 @@ def gpu_peak_tflops(dtype: str) -> float | None:
     return next((peaks[dtype] for word, peaks in GPU_PEAK_TFLOPS.items() if word in name), None)
 
 
+def matmul_shapes(config: dict, batch: int, prompts: int) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the multiplies that measure the matrix-multiply peak: 4096 x 1024 @ 1024 x 4096, and the model's
+    own linear layers (qkv, proj, fc1, fc2) on the tokens of one half of the grid of every row."""
+    model_config = SegGptConfig(**config)
+    rows, cols = model_config.grid
+    tokens, dim, hidden = batch * prompts * rows // 2 * cols, model_config.hidden_size, model_config.mlp_dim
+    return {"4096x1024x4096": (4096, 1024, 4096), "qkv": (tokens, dim, 3 * dim), "proj": (tokens, dim, dim),
+            "fc1": (tokens, dim, hidden), "fc2": (tokens, hidden, dim)}
+
+
+def matmul_tflops(shapes: dict[str, tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
+                  min_seconds: float = 0.2) -> dict[str, float]:
+    """TFLOP/s of each (M, K, N) multiply as the model's linear layers run it (`F.linear` with a bias), in this
+    process (its threads, its allocator): the best of 3 runs of at least `min_seconds` each, after a warm-up."""
+    rates = {}
+    with torch.inference_mode():
+        for name, (m, k, n) in shapes.items():
+            x, weight = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+            bias = torch.randn(n, device=device, dtype=dtype)
+            torch.nn.functional.linear(x, weight, bias)
+            best = 0.0
+            for _ in range(3):
+                calls, start = 0, time.perf_counter()
+                _sync(device)
+                while calls < 2 or time.perf_counter() - start < min_seconds:
+                    torch.nn.functional.linear(x, weight, bias)
+                    calls += 1
+                    if calls % 8 == 0:
+                        _sync(device)
+                _sync(device)
+                best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e12)
+            rates[name] = best
+    return rates
+
+
+def matmul_peaks(results: dict[str, dict], dtypes: dict[str, str]) -> dict[str, dict]:
+    """Per dtype: each shape's median TFLOP/s over the measuring processes of that dtype (`matmul_tflops` of every
+    variant's processes), and the peak: the best of those medians."""
+    peaks = {}
+    for dtype in sorted(set(dtypes.values())):
+        runs = [run for name, result in results.items() if dtypes[name] == dtype for run in result["matmul_tflops"]]
+        shapes = {shape: statistics.median(run[shape] for run in runs) for shape in runs[0]}
+        peaks[dtype] = {"tflops": max(shapes.values()), "shapes": shapes, "processes": len(runs)}
+    return peaks
+
+
 def _model_child(spec: dict) -> None:
-    """Body of one measuring process: build one model, warm it up, time `iters` batches, print JSON."""
+    """Body of one measuring process: build one model, warm it up, time `iters` batches, then the matrix-multiply
+    peak (`matmul_tflops`, same device, dtype and threads), print JSON."""
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     config, k, batch = vit_large(spec["layers"]), spec["prompts"], spec["batch"]
     torch.manual_seed(0)
@@ -124,12 +171,14 @@ def _model_child(spec: dict) -> None:
 
         reference = transformers.SegGptForImageSegmentation(transformers.SegGptConfig(**config)).eval()
         reference.to(device, dtype)
+        attention = None  # its own
 
         def run(images, prompt_images, prompt_masks):
             return reference(images, prompt_images, prompt_masks, feature_ensemble=k > 1).pred_masks[::k, :, 448:]
     else:
         ours = SegGpt(SegGptConfig(**config)).eval().to(device, dtype)
         ours.set_attention(spec["attention"])
+        attention = next(module.backend for module in ours.modules() if hasattr(module, "backend"))
 
         def run(images, prompt_images, prompt_masks):
             return ours.predict(images, prompt_images, prompt_masks, num_prompts=k)
@@ -146,7 +195,9 @@ def _model_child(spec: dict) -> None:
             if i:
                 times.append(time.perf_counter() - start)
     print(json.dumps({"times": times, "peak_rss_kib": _peak_kib(),
-                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0}))
+                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+                      "attention": attention, "matmul_tflops": matmul_tflops(matmul_shapes(config, batch, k), device,
+                                                                             dtype)}))
 
 
 def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
@@ -181,24 +232,36 @@ def benchmark_model(args: argparse.Namespace) -> None:
           f"{f' ({torch.cuda.get_device_name()})' if args.device == 'cuda' else ''}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; each variant in its own process, {args.rounds} rounds of {args.iters} batches; "
           f"our predict: {flops / args.batch / 1e12:.3f} TFLOP per image")
-    results: dict[str, dict] = {name: {"times": [], "peak_rss_kib": 0, "peak_gpu_bytes": 0} for name in variants}
+    results: dict[str, dict] = {name: {"times": [], "peak_rss_kib": 0, "peak_gpu_bytes": 0, "matmul_tflops": []}
+                                for name in variants}
     for round_number in range(args.rounds):
         for name, (spec, tuned_malloc) in variants.items():
             out = _run_model_child({**common, **spec}, tuned_malloc)
             results[name]["times"] += out["times"]
+            results[name]["matmul_tflops"].append(out["matmul_tflops"])
+            results[name]["attention"] = out["attention"]
             results[name]["peak_rss_kib"] = max(results[name]["peak_rss_kib"], out["peak_rss_kib"])
             results[name]["peak_gpu_bytes"] = max(results[name]["peak_gpu_bytes"], out["peak_gpu_bytes"])
             print(f"  round {round_number + 1}: {name}: {' '.join(f'{t:.2f}' for t in out['times'])} s/batch",
                   flush=True)
-    print(f"  {'variant':<34}{'images/s':>10}{'s/image':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak RSS':>11}")
+    dtypes = {name: spec["dtype"] for name, (spec, _) in variants.items()}
+    peaks = matmul_peaks(results, dtypes)
+    for dtype, peak in peaks.items():
+        shapes = ", ".join(f"{shape} {tflops:.3f}" for shape, tflops in peak["shapes"].items())
+        print(f"  matmul peak {dtype}: {peak['tflops']:.3f} TFLOP/s, the best of (F.linear, TFLOP/s, median of "
+              f"{peak['processes']} measuring processes): {shapes}")
+    print(f"  {'variant':<34}{'images/s':>10}{'s/image':>9}{'TFLOP/s':>9}{'of peak':>9}{'MFU':>7}{'peak RSS':>11}"
+          f"  attention")
     for name, result in results.items():
         seconds = statistics.median(result["times"])
         result.update(images_per_second=args.batch / seconds, tflops=flops / seconds / 1e12)
-        peak = gpu_peak_tflops(variants[name][0]["dtype"]) if args.device == "cuda" else None
-        result["mfu"] = result["tflops"] / peak if peak else None
+        result["peak_tflops"] = peaks[dtypes[name]]["tflops"]
+        result["share_of_peak"] = result["tflops"] / result["peak_tflops"]  # of the matmul peak measured here
+        peak = gpu_peak_tflops(dtypes[name]) if args.device == "cuda" else None
+        result["mfu"] = result["tflops"] / peak if peak else None  # of the GPU's datasheet peak
         mfu = f"{result['mfu']:.0%}" if result["mfu"] is not None else "-"
         print(f"  {name:<34}{result['images_per_second']:10.4f}{seconds / args.batch:9.2f}{result['tflops']:9.3f}"
-              f"{mfu:>7}{result['peak_rss_kib'] / 1024:7.0f} MiB")
+              f"{result['share_of_peak']:9.0%}{mfu:>7}{result['peak_rss_kib'] / 1024:7.0f} MiB  {result['attention'] or '-'}")
     reference_rate = results[f"reference {args.reference_dtype}"]["images_per_second"]
     ratios = {}
     for name, result in results.items():
@@ -210,7 +273,7 @@ def benchmark_model(args: argparse.Namespace) -> None:
     record = {"benchmark": "model", "config": config, **common, "rounds": args.rounds, "flops_per_batch": flops,
               "torch": torch.__version__, "cpus": os.cpu_count(), "reference_images_per_second": reference_rate,
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None,
-              "variants": results, "ratios": ratios}
+              "matmul_peaks": peaks, "variants": results, "ratios": ratios}
     _write_record(args.json, record)
 
 

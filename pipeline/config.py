@@ -1,9 +1,6 @@
-"""What the configs (the job's, training's, tuning's) share: reading them, value types and the shared sections.
-
-`load` reads a YAML file (or takes an already-parsed dict), applies `--set section.key=value` overrides and
-validates it with the pydantic model of the whole config. Every problem is a `ConfigError` whose message starts with
-the dotted key, e.g. ``compute.batch_size: expected int, got 'x'`` or ``input.fromat: unknown key``.
-"""
+"""What the configs (job, training, tuning) share: loading with `--set section.key=value` overrides, value types, the
+shared sections. Every problem is a `ConfigError` whose message starts with the dotted key, e.g.
+``compute.batch_size: expected int, got 'x'`` or ``input.fromat: unknown key``. jobs/configs/ shows every key."""
 
 from __future__ import annotations
 
@@ -22,7 +19,6 @@ from pydantic_core import ErrorDetails
 from pipeline.storage.retry import DEFAULT_RETRY_S
 
 _SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
-
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any]]
 
 
@@ -38,17 +34,8 @@ def absolute_uri(uri: str) -> str:
 
 
 def describe(value: Any) -> str:
-    """A value as an error message shows it: scalars by repr, anything else by its type's name."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return repr(value)
-    return type(value).__name__
-
-
-# --- value types ------------------------------------------------------------------------------
-
-LIST_AS_TUPLE = Strict(False)  # a tuple-typed key takes the list YAML gives (its items are still checked strictly)
-Text = Annotated[str, Field(min_length=1)]
-Location = Annotated[Text, AfterValidator(absolute_uri)]
+    """A value as error messages show it: a scalar by its repr, anything else by its type's name."""
+    return repr(value) if value is None or isinstance(value, (str, int, float, bool)) else type(value).__name__
 
 
 def _non_empty(uris: tuple[str, ...]) -> tuple[str, ...]:
@@ -57,19 +44,17 @@ def _non_empty(uris: tuple[str, ...]) -> tuple[str, ...]:
     return uris
 
 
+LIST_AS_TUPLE = Strict(False)  # a tuple-typed key takes the list YAML gives (its items are still checked strictly)
+Text = Annotated[str, Field(min_length=1)]
+Location = Annotated[Text, AfterValidator(absolute_uri)]
 Locations = Annotated[  # one URI, or a list of them (kept as a tuple)
     Union[Annotated[Location, Tag("one")],
           Annotated[tuple[Location, ...], LIST_AS_TUPLE, AfterValidator(_non_empty), Tag("many")]],
-    Discriminator(lambda value: "many" if isinstance(value, (list, tuple)) else "one"),
-]
-Gpus = Annotated[  # `auto` is kept as given and resolved against the cluster the job runs on
+    Discriminator(lambda value: "many" if isinstance(value, (list, tuple)) else "one")]
+Gpus = Annotated[  # `auto` is kept as given: resolved later, against the cluster the job runs on
     Union[Annotated[Literal["auto"], Tag("auto")], Annotated[NonNegativeFloat, Tag("number")]],
-    Discriminator(lambda value: "auto" if value == "auto" else "number"),
-]
+    Discriminator(lambda value: "auto" if value == "auto" else "number")]
 Format = Literal["auto", "images", "webdataset", "parquet"]
-
-
-# --- sections ---------------------------------------------------------------------------------
 
 
 class Section(BaseModel):
@@ -85,10 +70,9 @@ class Config(Section):
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """The config as plain YAML/JSON-ready data; with `redact`, secrets in storage_options are '***'."""
-        data = _plain(self.model_dump())
-        if redact:
-            data["storage_options"] = _redact(data["storage_options"])
-        return data
+        data = self.model_dump(mode="json")
+        options = data.pop("storage_options")  # shown last, after the sections
+        return {**data, "storage_options": _redact(options) if redact else options}
 
 
 class ModelConfig(Section):
@@ -96,19 +80,15 @@ class ModelConfig(Section):
 
 
 class StorageConfig(Section):
-    # seconds of transient storage errors (unreachable, timeouts, 5xx, throttling) one operation rides out
-    # before the image becomes an error row (reads) or the job stops with exit code 3 (everything else)
     retry_s: NonNegativeFloat = DEFAULT_RETRY_S
 
-
-# --- loading ----------------------------------------------------------------------------------
 
 AnyConfig = TypeVar("AnyConfig", bound=Config)
 
 
 def load(source: ConfigSource, overrides: Sequence[str], config: type[AnyConfig]) -> AnyConfig:
-    """Read a YAML file (or take a dict), apply `section.key=value` overrides and validate it as `config`; a
-    section that is null counts as left out."""
+    """Read a YAML file (or take a dict), apply `section.key=value` overrides and validate it as `config`; a null
+    section counts as left out."""
     raw = _read_yaml(source) if isinstance(source, (str, os.PathLike)) else copy.deepcopy(dict(source))
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {describe(raw)}")
@@ -135,25 +115,24 @@ def _read_yaml(path: str | os.PathLike) -> Any:
 def _apply_override(raw: dict[str, Any], override: str, config: type[Config]) -> None:
     """Set `section.key=value` (value parsed as YAML) in the raw config; storage_options may nest."""
     dotted, sep, text = override.partition("=")
-    path = dotted.strip().split(".")
+    dotted = dotted.strip()
+    path = dotted.split(".")
     if not sep or len(path) < 2 or not all(path):
         raise ConfigError(f"--set {override}: expected section.key=value")
-    section, key = path[0], path[1]
-    if section != "storage_options":
-        if section not in config.model_fields:
-            raise ConfigError(f"{section}: unknown section (in --set {override})")
-        if len(path) > 2 or key not in config.model_fields[section].annotation.model_fields:
-            raise ConfigError(f"{dotted.strip()}: unknown key (in --set {override})")
+    if path[0] != "storage_options":
+        if path[0] not in config.model_fields:
+            raise ConfigError(f"{path[0]}: unknown section (in --set {override})")
+        if len(path) > 2 or path[1] not in config.model_fields[path[0]].annotation.model_fields:
+            raise ConfigError(f"{dotted}: unknown key (in --set {override})")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{dotted.strip()}: value is not valid YAML ({error})") from None
+        raise ConfigError(f"{dotted}: value is not valid YAML ({error})") from None
     node = raw
     for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path[: i + 1])}: expected a mapping, got {describe(child)}")
-        node = child
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: expected a mapping, got {describe(node)}")
     node[path[-1]] = value
 
 
@@ -168,9 +147,9 @@ _EXPECTED = {"int_type": "int", "float_type": "a number", "bool_type": "true or 
 
 
 def _message(error: ErrorDetails) -> str:
-    """What is wrong, after the key: in the words of the configs' docs rather than pydantic's."""
+    """What is wrong, after the key, in the words of the configs' docs rather than pydantic's."""
     kind, context, got = error["type"], error.get("ctx", {}), describe(error["input"])
-    if kind == "value_error":  # a check of our own (a validator), which says it all
+    if kind == "value_error":  # a validator of ours, whose message says it all
         return str(context["error"])
     if kind in ("missing", "extra_forbidden"):
         what = "section" if len(error["loc"]) == 1 else "key"
@@ -179,26 +158,15 @@ def _message(error: ErrorDetails) -> str:
         options = re.findall(r"'([^']*)'", context["expected"])  # pydantic's "'a', 'b' or 'c'"
         return f"expected one of {' | '.join(options)}, got {got}"
     if kind in ("greater_than", "greater_than_equal"):
-        bound = context.get("gt", context.get("ge"))
-        sign = ">" if kind == "greater_than" else ">="
+        bound, sign = (context["gt"], ">") if kind == "greater_than" else (context["ge"], ">=")
         return f"expected {'a number' if isinstance(bound, float) else 'an int'} {sign} {bound:g}, got {got}"
     return f"expected {_EXPECTED[kind]}, got {got}" if kind in _EXPECTED else error["msg"]
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
 def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            key: "***" if any(marker in str(key).lower() for marker in _SECRET_MARKERS) else _redact(item)
-            for key, item in value.items()
-        }
     if isinstance(value, list):
         return [_redact(item) for item in value]
-    return value
+    if not isinstance(value, dict):
+        return value
+    return {key: "***" if any(marker in str(key).lower() for marker in _SECRET_MARKERS) else _redact(item)
+            for key, item in value.items()}

@@ -1,10 +1,9 @@
-"""The prompts section of the job's config, and the in-context tuning config (`seggpt-autolabel tune`,
-`load_tune_config`)."""
+"""The job's prompts section and the in-context tuning config (`load_tune_config`; jobs/configs/tune.yaml)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import NonNegativeFloat, PositiveInt, field_validator
 
@@ -19,43 +18,36 @@ class PromptsConfig(Section):
     mask_format: Literal["labels", "rgb"] = "labels"
     embedding: Literal["semantic", "instance"] = "semantic"
 
-    @field_validator("classes", mode="before")
+    @field_validator("classes", mode="wrap")
     @classmethod
-    def _a_list(cls, classes: object) -> object:
+    def _distinct_names(cls, classes: Any, check: Any) -> tuple[str, ...]:
         if not isinstance(classes, (list, tuple)) or not classes:
             raise ValueError(f"expected a non-empty list of class names, got {describe(classes)}")
-        return classes
-
-    @field_validator("classes")
-    @classmethod
-    def _no_duplicates(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
-        duplicates = sorted({name for name in classes if classes.count(name) > 1})
-        if duplicates:
+        names = check(classes)
+        if duplicates := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"duplicate class names {duplicates}")
-        return classes
+        return names
 
 
 class TunePromptConfig(PromptsConfig):
-    """The prompt to start from: a prompt folder, manifest or tuned prompt file, as prompts.uri takes."""
-
-    name: Text | None = None  # which prompt of it; default: the first
+    name: Text | None = None  # which prompt of `uri` to start from; default: the first
 
 
 class TuneDataConfig(LabelledDataConfig):
-    uri: Locations  # the labelled pool (pipeline.storage.pairs)
-    val_fraction: NonNegativeFloat = 0.25  # of the pool, by key: the same split as select-prompts'
+    uri: Locations
+    val_fraction: NonNegativeFloat = 0.25
 
 
 class TuneLoopConfig(Section):
     steps: PositiveInt = 200
-    batch_size: PositiveInt = 8  # target images per worker and step
-    lr: NonNegativeFloat = 0.01  # Adam, on the prompt's normalised pixels
+    batch_size: PositiveInt = 8
+    lr: NonNegativeFloat = 0.01
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 50
 
 
 class TuneConfig(Config):
-    model: ModelConfig  # frozen
+    model: ModelConfig
     prompt: TunePromptConfig
     data: TuneDataConfig
     output: TrainOutputConfig

@@ -1,5 +1,5 @@
-"""The training config (`seggpt-autolabel train`, `load_train_config`), and the sections that tuning shares with it:
-the output and compute of Ray Train workers, the layout of labelled data."""
+"""The training config (`load_train_config`; jobs/configs/train-demo.yaml), and the sections tuning shares with it:
+the output and compute of Ray Train workers, the layout of labelled pairs (pipeline.storage.pairs)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ from pipeline.config import Config, ConfigSource, Format, Gpus, Location, Locati
 
 
 class TrainModelConfig(Section):
-    checkpoint: Location | None = None  # start from it; else random weights of `config`
-    config: dict[str, Any] | None = None  # SegGptConfig fields, for random weights
+    checkpoint: Location | None = None  # start from it; else random weights of `config` (SegGptConfig fields)
+    config: dict[str, Any] | None = None
 
 
 class LabelledDataConfig(Section):
-    """Labelled pairs (pipeline.storage.pairs): their layout, and the seed of what is drawn from them."""
-
     format: Format = "auto"
     image_column: Text = "image"
     mask_column: Text = "mask"
@@ -27,16 +25,13 @@ class LabelledDataConfig(Section):
 
 
 class TrainDataConfig(LabelledDataConfig):
-    """Synthetic tasks (pipeline.training.synthetic), or labelled data: its URI(s), layout and number of classes;
-    `seed` draws the tasks and the colour mappings."""
-
-    uri: Locations | None = None
+    uri: Locations | None = None  # labelled pairs; else synthetic tasks (pipeline.training.synthetic)
     num_classes: PositiveInt = 255  # labels above it are refused
 
 
 class TrainLoopConfig(Section):
     steps: PositiveInt = 1000
-    batch_size: PositiveInt = 16  # pairs per worker and step
+    batch_size: PositiveInt = 16
     lr: NonNegativeFloat = 3e-4
     weight_decay: NonNegativeFloat = 0.05
     warmup_steps: NonNegativeInt = 100
