@@ -5,7 +5,7 @@ as given: they are resolved later, against the cluster the job runs on (`pipelin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import NonNegativeFloat, PositiveInt, field_validator
 
@@ -22,6 +22,7 @@ class InputConfig(Section):
     exif_transpose: bool = True
     jpeg_draft: bool = False
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # more are refused before decoding; Pillow's own limit is 179 M
+    config_key: ClassVar[str] = "input.uri"  # named in listing errors
 
     @property
     def uris(self) -> tuple[str, ...]:

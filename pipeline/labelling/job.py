@@ -202,13 +202,7 @@ def autolabel(
             f"{work.num_rows} files or shards to read")
         log(f"compute: {compute}")
 
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = sys.stderr.isatty()
-        # Faults: Ray Data restarts a dead actor and retries its tasks without limit, and retries a task whose
-        # worker died (its defaults, kept). Errors inside a task are rows (bad images) or StorageUnavailable (past
-        # storage.retry_s): a block that still fails stops the run, never drops its images quietly.
-        context.max_errored_blocks = 0
-        context.raise_original_map_exception = True  # so that a StorageUnavailable reaches us whole (exit 3)
+        _set_data_context()
         ds = build_dataset(job, work, compute).map_batches(
             LabelWriter,
             fn_constructor_args=(output.uri, options, output.png, lease.retry),
@@ -219,29 +213,46 @@ def autolabel(
         )
         info = _job_info(job, compute, summary, started, runs, completed=False)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
-        start = last_report = time.monotonic()
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                ok = pc.sum(batch["ok"]).as_py() or 0
-                summary.ok += ok
-                summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
-                _count_ran(summary.ran, batch)
-                summary.seconds = time.monotonic() - start
-                if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
-                    last_report = time.monotonic()
-                    log(f"progress: {summary}")
-        except Exception as error:
-            failure = storage_failure(error)  # raised in a task or actor, wrapped by Ray
-            if failure is None:
-                raise
-            raise failure from None
-        summary.seconds = time.monotonic() - start
+        _drain(ds, summary, log, progress_every_s)
         after = lease.retry(lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set),
                             output.uri)
         summary.added = _added(index["key"], after)
         info = _job_info(job, compute, summary, started, runs, completed=True)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
     return summary
+
+
+def _set_data_context() -> None:
+    """Ray Data's settings for the run. Faults: Ray Data restarts a dead actor and retries its tasks without limit,
+    and retries a task whose worker died (its defaults, kept). Errors inside a task are rows (bad images) or
+    StorageUnavailable (past storage.retry_s): a block that still fails stops the run, never drops its images
+    quietly."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.max_errored_blocks = 0
+    context.raise_original_map_exception = True  # so that a StorageUnavailable reaches us whole (exit 3)
+
+
+def _drain(ds: ray.data.Dataset, summary: Summary, log: Callable[[str], None], progress_every_s: float) -> None:
+    """Run the dataset to its end, counting the written rows into `summary`; off a terminal, log progress every
+    `progress_every_s` seconds. A storage failure in a task or actor, wrapped by Ray, is raised as itself."""
+    start = last_report = time.monotonic()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ok = pc.sum(batch["ok"]).as_py() or 0
+            summary.ok += ok
+            summary.error += (pc.sum(batch["rows"]).as_py() or 0) - ok
+            _count_ran(summary.ran, batch)
+            summary.seconds = time.monotonic() - start
+            if not sys.stderr.isatty() and time.monotonic() - last_report >= progress_every_s:
+                last_report = time.monotonic()
+                log(f"progress: {summary}")
+    except Exception as error:
+        failure = storage_failure(error)
+        if failure is None:
+            raise
+        raise failure from None
+    summary.seconds = time.monotonic() - start
 
 
 def _pending_work(job: Plan, index: pa.Table, model: str) -> tuple[pa.Table, int]:

@@ -108,7 +108,7 @@ def select_prompts(
         raise SelectionError(f"need 1 <= k <= candidates and 0 < val_fraction < 1, got k={k}, "
                              f"candidates={candidates}, val_fraction={val_fraction}")
     size = check_checkpoint(checkpoint, storage_options=options).input_size
-    pool = _Pool.read(LabelledSource(pool_uri, format), options, size, classes, val_fraction, seed, k)
+    pool = _Pool.read(LabelledSource(pool_uri, format, config_key="POOL_URI"), options, size, classes, val_fraction, seed, k)
     rng = np.random.default_rng(seed)
     picks = _candidates(pool.train, pool.present, classes, candidates, rng)
     images, labels = _fetch(pool.blocks, pool.where[picks])

@@ -42,7 +42,8 @@ from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
 from pipeline.prompts.sets import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
 from pipeline.prompts.scoring import PromptScorer, scores, split_rows
 from pipeline.results import Evaluation
-from pipeline.training import complete_checkpoints, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.training import IntervalReport, complete_checkpoints, latest_checkpoint, read_log, read_trainer_state
+from pipeline.training import write_checkpoint
 
 PROMPT_FILE = "prompt.safetensors"
 TUNED_FILE = "tuned.safetensors"
@@ -151,8 +152,7 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
 
     palette = torch.from_numpy(build_palette(len(chosen.classes)))
     shard = ray.train.get_dataset_shard("train")
-    losses: list[float] = []
-    started = interval_start = time.monotonic()
+    report = IntervalReport("tune step", loop.steps, loop.log_every, loop.batch_size * world, rank, records)
     batches = _target_batches(shard, loop.batch_size, seed=config.data.seed * 1_000_003 + rank)
     for step, (images, labels) in zip(range(first_step, loop.steps), batches):
         targets = normalize(torch.from_numpy(images).to(device))
@@ -162,20 +162,9 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
 
         done = step + 1
-        if done % loop.log_every == 0 or done == loop.steps:
-            elapsed = time.monotonic() - interval_start
-            metrics = {"step": done, "loss": float(np.mean(losses)),
-                       "samples_per_second": len(losses) * loop.batch_size * world / elapsed,
-                       "seconds": time.monotonic() - started}
-            records.append(metrics)
-            if rank == 0:
-                print(f"tune step {done}/{loop.steps}  loss {metrics['loss']:.4f}  "
-                      f"{metrics['samples_per_second']:.1f} samples/s", flush=True)
-            ray.train.report(metrics)
-            losses, interval_start = [], time.monotonic()
+        report.add(done, loss.item())
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
             data = tuned_prompt_bytes(plain_prompt.image, plain_prompt.mask, classes=chosen.classes,
                                       embedding=chosen.embedding, started_from=loop_config["started_from"],

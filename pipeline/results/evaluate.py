@@ -48,11 +48,8 @@ class Truth:
     """The truth under a URI, by key: loose label-map files (read when asked for) and shard masks (held as bytes)."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any], *, mask_field: str, mask_column: str) -> None:
-        source = LabelledSource(uri, "auto", mask_column=mask_column, mask_field=mask_field)
-        try:
-            listing = list_inputs(source, storage_options)
-        except InputError as error:  # its message names input.uri
-            raise InputError(f"truth {uri}: {str(error).partition(': ')[2]}") from None
+        source = LabelledSource(uri, "auto", mask_column=mask_column, mask_field=mask_field, config_key="--truth")
+        listing = list_inputs(source, storage_options)
         loose = listing.filter(pc.equal(listing["kind"], "images")).to_pydict()
         self.fs = fsspec.core.url_to_fs(uri, **storage_options)[0]
         self.sources = {name: source for name, source in zip(loose["key"], loose["source"])

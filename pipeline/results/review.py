@@ -106,40 +106,62 @@ def review(
     100 when neither `sample` nor `lowest` is given)."""
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(output_uri, **options)
-    try:
-        job = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
-    except FileNotFoundError:
-        raise ReviewError(f"{output_uri}: no {JOB_FILE}: not the output of a labelling job") from None
+    job = _job_record(fs, root, output_uri)
     names, palette = job["classes"], np.array(job["palette"], np.uint8)
-    class_id = None
-    if class_name is not None:
-        if class_name not in names[1:]:
-            raise ReviewError(f"--class: {class_name} is not among the job's classes ({', '.join(names[1:])})")
-        class_id = names.index(class_name)
+    if class_name is not None and class_name not in names[1:]:
+        raise ReviewError(f"--class: {class_name} is not among the job's classes ({', '.join(names[1:])})")
     if sample is None and lowest is None:
         sample = 100
-    chooser = _Chooser(sample or 0, lowest or 0, class_id, seed)
+    chooser = _Chooser(sample or 0, lowest or 0, None if class_name is None else names.index(class_name), seed)
     totals = [ClassTotals() for _ in names]
     result = Review(page="", overlays=[])
     for row in label_rows(fs, root, _COLUMNS, optional=("class_scores",)):
         result.rows += 1
-        if row["status"] != "ok":
-            continue
-        result.ok += 1
-        scores = row.get("class_scores") or [None] * len(row["class_ids"])
-        for cid, pixels, score in zip(row["class_ids"], row["pixel_counts"], scores):
-            totals[cid].pixels += pixels
-            totals[cid].images += 1
-            if score is not None:
-                totals[cid].score_sum += score
-                totals[cid].scored += 1
-        chooser.offer(row)
+        if row["status"] == "ok":
+            result.ok += 1
+            _count(totals, row)
+            chooser.offer(row)
 
-    target = (to or f"{output_uri.rstrip('/')}/{REVIEW_DIR}").rstrip("/")
-    out_fs, out_root = fsspec.core.url_to_fs(target, **options)
-    chosen = chooser.chosen()
+    out_fs, out_root = fsspec.core.url_to_fs((to or f"{output_uri.rstrip('/')}/{REVIEW_DIR}").rstrip("/"), **options)
+    cards = _write_overlays(chooser.chosen(), job, out_fs, out_root, options, result)
+    page = _TEMPLATE.render(
+        output=output_uri, rows=result.rows, ok=result.ok, cards=cards, unreadable=result.unreadable,
+        selection=_describe(sample, lowest, class_name),
+        totals=[(names[cid], tuple(int(v) for v in palette[cid]), totals[cid]) for cid in range(1, len(names))],
+    )
+    out_fs.pipe_file(f"{out_root}/index.html", page.encode())
+    result.page = out_fs.unstrip_protocol(f"{out_root}/index.html")
+    return result
+
+
+def _job_record(fs: fsspec.AbstractFileSystem, root: str, output_uri: str) -> dict[str, Any]:
+    try:
+        return json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
+    except FileNotFoundError:
+        raise ReviewError(f"{output_uri}: no {JOB_FILE}: not the output of a labelling job") from None
+
+
+def _class_scores(row: dict[str, Any]) -> list[float | None]:
+    return row.get("class_scores") or [None] * len(row["class_ids"])
+
+
+def _count(totals: list[ClassTotals], row: dict[str, Any]) -> None:
+    """Add an ok row's classes to the run's totals."""
+    for cid, pixels, score in zip(row["class_ids"], row["pixel_counts"], _class_scores(row)):
+        totals[cid].pixels += pixels
+        totals[cid].images += 1
+        if score is not None:
+            totals[cid].score_sum += score
+            totals[cid].scored += 1
+
+
+def _write_overlays(chosen: list[dict[str, Any]], job: dict[str, Any], fs: fsspec.AbstractFileSystem, root: str,
+                    storage_options: dict[str, Any], result: Review) -> list[dict[str, Any]]:
+    """Write each chosen row's picture under `root`/overlays/ and return the page's cards, lowest score first; a row
+    whose image cannot be read goes to `result.unreadable`."""
+    names, palette = job["classes"], np.array(job["palette"], np.uint8)
     config = job.get("config", {}).get("input", {})
-    images = read_images(chosen, image_column=config.get("image_column", "image"), storage_options=options)
+    images = read_images(chosen, image_column=config.get("image_column", "image"), storage_options=storage_options)
     cards = []
     for row in chosen:
         if row["key"] not in images:
@@ -149,22 +171,13 @@ def review(
         relative = f"overlays/{key_path(row['key'], '.jpg')}"
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=88)
-        out_fs.makedirs(f"{out_root}/{relative}".rpartition("/")[0], exist_ok=True)
-        out_fs.pipe_file(f"{out_root}/{relative}", buffer.getvalue())
-        result.overlays.append(out_fs.unstrip_protocol(f"{out_root}/{relative}"))
+        fs.makedirs(f"{root}/{relative}".rpartition("/")[0], exist_ok=True)
+        fs.pipe_file(f"{root}/{relative}", buffer.getvalue())
+        result.overlays.append(fs.unstrip_protocol(f"{root}/{relative}"))
         cards.append({"key": row["key"], "src": urllib.parse.quote(relative), "score": row["score"],
-                      "classes": [(names[cid], score) for cid, score in
-                                  zip(row["class_ids"], row.get("class_scores") or [None] * len(row["class_ids"]))
+                      "classes": [(names[cid], score) for cid, score in zip(row["class_ids"], _class_scores(row))
                                   if cid > 0]})
-    cards.sort(key=lambda card: math.inf if card["score"] is None else card["score"])
-    page = _TEMPLATE.render(
-        output=output_uri, rows=result.rows, ok=result.ok, cards=cards, unreadable=result.unreadable,
-        selection=_describe(sample, lowest, class_name),
-        totals=[(names[cid], tuple(int(v) for v in palette[cid]), totals[cid]) for cid in range(1, len(names))],
-    )
-    out_fs.pipe_file(f"{out_root}/index.html", page.encode())
-    result.page = out_fs.unstrip_protocol(f"{out_root}/index.html")
-    return result
+    return sorted(cards, key=lambda card: math.inf if card["score"] is None else card["score"])
 
 
 class _Chooser:

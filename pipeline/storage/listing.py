@@ -60,6 +60,7 @@ class InputSpec(Protocol):
     def uris(self) -> tuple[str, ...]: ...
 
     format: str
+    config_key: str  # the key the user set the URIs with, to name in errors (e.g. "input.uri", "data.uri")
 
 
 def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Table:
@@ -70,26 +71,27 @@ def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Tab
     listing cache is dropped after each URI.
     """
     with ThreadPoolExecutor(_LIST_THREADS) as pool:
-        listed = list(pool.map(lambda uri: _list_uri(uri, input_cfg.format, storage_options), input_cfg.uris))
+        listed = list(pool.map(lambda uri: _list_uri(uri, input_cfg.format, storage_options, input_cfg.config_key),
+                               input_cfg.uris))
     found = pa.concat_tables([table for _, table in listed])
     if found.num_rows == 0:
         wanted = "image, .tar or .parquet" if input_cfg.format == "auto" else input_cfg.format
-        raise InputError(f"input.uri: no {wanted} files found in {', '.join(input_cfg.uris)}")
+        raise InputError(f"{input_cfg.config_key}: no {wanted} files found in {', '.join(input_cfg.uris)}")
     base = _common_folder([root for root, _ in listed])
     keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(found["path"], len(base)), "/")
     listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
     del found, keys
     pa.default_memory_pool().release_unused()  # hand the copies made on the way back to the system
-    _check_unique(listing)
+    _check_unique(listing, input_cfg.config_key)
     return listing
 
 
-def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any]) -> tuple[str, pa.Table]:
+def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any], key: str) -> tuple[str, pa.Table]:
     """The root folder of one input URI and a table (path, source, kind) of the input files it names."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     fs.invalidate_cache()
     try:
-        root, paths = _expand(fs, path, uri)
+        root, paths = _expand(fs, path, uri, key)
     finally:
         fs.invalidate_cache()
     kinds = _kinds(paths, wanted)
@@ -116,7 +118,7 @@ def _kinds(paths: pa.Array, wanted: str) -> pa.Array:
     return pc.case_when(conditions, *(pa.scalar(value, pa.string()) for value in values))
 
 
-def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[str, pa.Array]:
+def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str, key: str) -> tuple[str, pa.Array]:
     """The root folder of one input URI and the paths of the files it names."""
     if has_magic(path):
         wildcard = min(path.index(char) for char in "*?[" if char in path)
@@ -129,7 +131,7 @@ def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[str, pa
         return path, _files_under(fs, path)
     if fs.isfile(path):
         return path.rpartition("/")[0], pa.array([path], pa.string())
-    raise InputError(f"input.uri: {uri} does not exist")
+    raise InputError(f"{key}: {uri} does not exist")
 
 
 def _files_under(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
@@ -173,7 +175,7 @@ def _common_folder(folders: list[str]) -> str:
     return "/".join(common)
 
 
-def _check_unique(listing: pa.Table) -> None:
+def _check_unique(listing: pa.Table, key: str) -> None:
     """`listing` is sorted by key, so duplicates are neighbours."""
     keys = listing["key"].combine_chunks()
     same = pc.equal(keys[1:], keys[:-1]) if len(keys) > 1 else pa.array([], pa.bool_())
@@ -182,5 +184,5 @@ def _check_unique(listing: pa.Table) -> None:
         first = duplicates[0].as_py()
         a, b = listing.slice(first, 2).to_pylist()
         raise InputError(
-            f"input.uri: {len(duplicates)} duplicate key(s), e.g. {a['key']!r} from {a['source']} and {b['source']}"
+            f"{key}: {len(duplicates)} duplicate key(s), e.g. {a['key']!r} from {a['source']} and {b['source']}"
         )

@@ -50,6 +50,7 @@ class LabelledSource:
     image_column: str = "image"
     mask_column: str = "mask"
     mask_field: str = "seg.png"
+    config_key: str = "data.uri"  # where the user gave `uri`, to name in errors
 
     @property
     def uris(self) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ def labelled_pairs(source: LabelledSource, storage_options: dict[str, Any], num_
     try:
         pairs = image_mask_pairs(loose["key"], ".")
     except ValueError as error:
-        raise InputError(f"input.uri: {error}") from None
+        raise InputError(f"{source.config_key}: {error}") from None
     items = pa.table({
         "key": [image for _, image, _ in pairs] + shards["key"].to_pylist(),
         "kind": ["images"] * len(pairs) + shards["kind"].to_pylist(),
@@ -76,10 +77,10 @@ def labelled_pairs(source: LabelledSource, storage_options: dict[str, Any], num_
     opened = read_pairs(items.slice(0, 4), source, storage_options, retry=retry)
     first = next((pair for pair in opened if not pair["error"]), None)
     if first is None:
-        raise InputError(f"input.uri: no labelled pairs (an image with its mask) found in {', '.join(source.uris)}")
+        raise InputError(f"{source.config_key}: no labelled pairs (an image with its mask) found in {', '.join(source.uris)}")
     problem = _check_pair(first["image"], first["mask"], num_classes)
     if problem:
-        raise InputError(f"input.uri: {first['key']}: {problem}")
+        raise InputError(f"{source.config_key}: {first['key']}: {problem}")
     return items
 
 

@@ -4,16 +4,44 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any, Callable
 
 import fsspec
+import numpy as np
+import ray.train
 import torch
 
-
 TRAINER_FILE = "trainer.pt"
-
-
 LOG_FILE = "train_log.jsonl"
+
+
+class IntervalReport:
+    """The loss log of a Ray Train worker: every `every` steps (and at the last), the interval's mean loss and
+    samples/s go to `records` (the log its checkpoints keep), to Ray Train, and on rank 0 to stdout."""
+
+    def __init__(self, title: str, steps: int, every: int, samples_per_step: int, rank: int,
+                 records: list[dict[str, Any]]) -> None:
+        self.title, self.steps, self.every, self.samples_per_step, self.rank = title, steps, every, samples_per_step, rank
+        self.records, self.losses = records, []
+        self.started = self.interval_start = time.monotonic()
+
+    def add(self, done: int, loss: float, **metrics: Any) -> None:
+        """Count the loss of step `done` (1-based); end the interval there if it is due, with `metrics` added."""
+        self.losses.append(loss)
+        if done % self.every and done != self.steps:
+            return
+        now = time.monotonic()
+        record = {"step": done, "loss": float(np.mean(self.losses)), **metrics,
+                  "samples_per_second": len(self.losses) * self.samples_per_step / (now - self.interval_start),
+                  "seconds": now - self.started}
+        self.records.append(record)
+        if self.rank == 0:
+            lr = f"  lr {record['lr']:.2e}" if "lr" in record else ""
+            print(f"{self.title} {done}/{self.steps}  loss {record['loss']:.4f}{lr}  "
+                  f"{record['samples_per_second']:.1f} samples/s", flush=True)
+        ray.train.report(record)
+        self.losses, self.interval_start = [], time.monotonic()
 
 
 def complete_checkpoints(output_uri: str, storage_options: dict[str, Any]) -> list[tuple[str, int]]:

@@ -31,7 +31,7 @@ from model import SegGpt, SegGptConfig, check_checkpoint, load_model
 from model.training import pair_batch, save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
-from pipeline.training.checkpoints import latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.training.checkpoints import IntervalReport, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
 from pipeline.training.config import TrainConfig, load_train_config
 from pipeline.training.synthetic import task_pair
 
@@ -168,8 +168,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         first_step, records = state["step"], state["records"]
 
     batches = _batches(config, first_step, rank, plain_model.config.input_size)
-    losses: list[float] = []
-    started = interval_start = time.monotonic()
+    report = IntervalReport("step", loop.steps, loop.log_every, loop.batch_size * world, rank, records)
     for step, (batch, skipped) in zip(range(first_step, loop.steps), batches):
         torch.manual_seed(config.data.seed * 1_000_003 + step * world + rank)  # drop-path, the same on a resume
         batch = {name: value.to(device) for name, value in batch.items()}
@@ -181,20 +180,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
 
         done = step + 1
-        if done % loop.log_every == 0 or done == loop.steps:
-            elapsed = time.monotonic() - interval_start
-            metrics = {"step": done, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                       "samples_per_second": len(losses) * loop.batch_size * world / elapsed,
-                       "seconds": time.monotonic() - started, "skipped": skipped}
-            records.append(metrics)
-            if rank == 0:
-                print(f"step {done}/{loop.steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-                      f"{metrics['samples_per_second']:.1f} samples/s", flush=True)
-            ray.train.report(metrics)
-            losses, interval_start = [], time.monotonic()
+        report.add(done, loss.item(), lr=optimizer.param_groups[0]["lr"], skipped=skipped)
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
             write_checkpoint(config.output.uri, options, done, lambda uri: save_checkpoint(plain_model, uri, options),
                              optimizer, records)
