@@ -1,4 +1,4 @@
-"""`jobs.benchmark.ProcessPeaks`, which the pipeline and scale benchmarks report memory with: it finds the
+"""`jobs.benchmark.harness.ProcessPeaks`, which the pipeline and scale benchmarks report memory with: it finds the
 processes under the driver and their peak resident memory, also of a process that has ended."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from jobs.benchmark import ProcessPeaks, _process_role
+from jobs.benchmark.harness import ProcessPeaks, process_role
 
 MIB = 1024  # KiB
 
@@ -28,6 +28,6 @@ def test_peaks_of_a_grandchild_that_ended():
 
 
 def test_process_roles_from_titles():
-    assert _process_role("ray::MapWorker(MapBatches(SegGptPredictor)) ") == "ray::MapWorker(MapBatches(SegGptPredictor))"
-    assert _process_role("ray::IDLE") is None and _process_role("/usr/bin/python3.11 -u worker.py") is None
-    assert _process_role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --node=x") == "raylet"
+    assert process_role("ray::MapWorker(MapBatches(SegGptPredictor)) ") == "ray::MapWorker(MapBatches(SegGptPredictor))"
+    assert process_role("ray::IDLE") is None and process_role("/usr/bin/python3.11 -u worker.py") is None
+    assert process_role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --node=x") == "raylet"

@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import os
 
-from jobs.benchmark import (
-    PLAN_ROWS_PER_FILE,
-    CountingFileSystem,
-    plan_expected_pending,
-    plan_key,
-    plan_steps,
-    synthesise_plan_data,
-)
+from jobs.benchmark.plan import CountingFileSystem, plan_steps
+from jobs.benchmark.plan_data import PLAN_ROWS_PER_FILE, plan_expected_pending, plan_key, synthesise_plan_data
 
 INPUTS = ROWS = 2000
 MASK_BYTES = 16_000  # an ok file is ~4 MB, nearly all mask bytes
