@@ -123,7 +123,8 @@ def review(
             chooser.offer(row)
 
     out_fs, out_root = fsspec.core.url_to_fs((to or f"{output_uri.rstrip('/')}/{REVIEW_DIR}").rstrip("/"), **options)
-    cards = _write_overlays(chooser.chosen(), job, out_fs, out_root, options, result)
+    cards = _write_overlays(chooser.chosen(), names, palette, job.get("config", {}).get("input", {}), out_fs,
+                            out_root, options, result)
     page = _TEMPLATE.render(
         output=output_uri, rows=result.rows, ok=result.ok, cards=cards, unreadable=result.unreadable,
         selection=_describe(sample, lowest, class_name),
@@ -155,12 +156,11 @@ def _count(totals: list[ClassTotals], row: dict[str, Any]) -> None:
             totals[cid].scored += 1
 
 
-def _write_overlays(chosen: list[dict[str, Any]], job: dict[str, Any], fs: fsspec.AbstractFileSystem, root: str,
-                    storage_options: dict[str, Any], result: Review) -> list[dict[str, Any]]:
+def _write_overlays(chosen: list[dict[str, Any]], names: list[str], palette: np.ndarray, config: dict[str, Any],
+                    fs: fsspec.AbstractFileSystem, root: str, storage_options: dict[str, Any],
+                    result: Review) -> list[dict[str, Any]]:
     """Write each chosen row's picture under `root`/overlays/ and return the page's cards, lowest score first; a row
-    whose image cannot be read goes to `result.unreadable`."""
-    names, palette = job["classes"], np.array(job["palette"], np.uint8)
-    config = job.get("config", {}).get("input", {})
+    whose image cannot be read goes to `result.unreadable`. `config` is the job's input section."""
     images = read_images(chosen, image_column=config.get("image_column", "image"), storage_options=storage_options)
     cards = []
     for row in chosen:
