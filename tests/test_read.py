@@ -254,3 +254,30 @@ def test_pending_inputs_drop_finished_shards_and_done_files():
     ]  # s.tar and u.tar have every image done: not opened; done loose files dropped
     unknown_count = pending_inputs(listing, done).to_pylist()  # without counts, no shard can be known finished
     assert [item["key"] for item in unknown_count] == ["s.tar", "t.parquet", "u.tar", "b.jpg"]
+
+
+def test_listing_errors_name_the_key_the_user_set(tmp_path):
+    """A URI that does not exist, a folder with no inputs, and one folder given twice (its keys twice): each error
+    starts with the key the URI was given under (the job's input.uri, training's data.uri, select-prompts' POOL_URI,
+    evaluate's --truth, which takes one URI)."""
+    from pipeline.results.evaluate import Truth
+    from pipeline.storage.pairs import LabelledSource
+
+    empty, images = tmp_path / "empty", tmp_path / "images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    images.mkdir()
+    Image.new("RGB", (4, 4)).save(images / "x.jpg")
+    cases = [(str(tmp_path / "nope"), "does not exist"), (str(empty), "no image, .tar or .parquet files found in"),
+             ((str(images), str(images)), "1 duplicate key(s), e.g. 'x.jpg'")]
+    listers = {
+        "input.uri": (lambda uri: list_inputs(InputConfig(uri=uri), {}), cases),
+        "data.uri": (lambda uri: list_inputs(LabelledSource(uri), {}), cases),
+        "POOL_URI": (lambda uri: list_inputs(LabelledSource(uri, config_key="POOL_URI"), {}), cases),
+        "--truth": (lambda uri: Truth(uri, {}, mask_field="seg.png", mask_column="mask"), cases[:2]),
+    }
+    for key, (lister, key_cases) in listers.items():
+        for uri, problem in key_cases:
+            with pytest.raises(InputError) as caught:
+                lister(list(uri) if isinstance(uri, tuple) else uri)
+            assert str(caught.value).startswith(f"{key}: ") and problem in str(caught.value), (key, uri)
