@@ -45,6 +45,9 @@ try:
     result["no_gpu_within_1_s"] = settle(gpu_wait_s=1)
 except BaseException:
     result["no_gpu_within_1_s"] = traceback.format_exc()
+result["cpu_bfloat16_attention"] = resolve_compute(load_config({
+    **config, "model": {**config["model"], "dtype": "bfloat16", "attention": "auto"}, "compute": {**config["compute"], "gpu_wait_s": 0}}),
+    log=print).attention
 
 def run():
     try:
@@ -109,6 +112,7 @@ def test_a_gpu_node_that_joins_after_the_start_gets_the_model(tmp_path):
     assert isinstance(alone, dict), alone
     assert (alone["gpus_per_actor"], alone["dtype"], alone["attention"]) == (0.0, "float32", "sdpa")
     assert 1 <= alone["seconds"] < 5 and "within compute.gpu_wait_s (1 s)" in alone["reason"]
+    assert result["cpu_bfloat16_attention"] == "chunked"  # bfloat16 asked for on CPU model actors
 
     # The job said it was waiting, before the GPU node existed, and then settled on the node that joined ...
     lines = result["lines"]

@@ -248,8 +248,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=int, default=1, help="prompts per image (feature ensemble)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"], help="ours at each")
     parser.add_argument("--reference-dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
-                        help="our attention backend (default: flex on CUDA, sdpa on the CPU)")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "flex", "chunked"], default="auto",
+                        help="our attention backend (default: flex on CUDA; on the CPU chunked in bfloat16, else sdpa)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=2, help="timed batches per process, after one warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, alternated")

@@ -32,7 +32,7 @@ class InputConfig(Section):
 
 class JobModelConfig(ModelConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    attention: Literal["auto", "sdpa", "flex", "chunked"] = "auto"
 
 
 class OutputConfig(Section):

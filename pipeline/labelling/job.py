@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
+import torch
 
-from model import SegGptConfig, check_checkpoint, load_model
+from model import SegGptConfig, auto_attention, check_checkpoint, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
 from pipeline.labelling.config import ComputeConfig, JobConfig, load_config
 from pipeline.labelling.infer import SegGptPredictor
@@ -316,14 +317,15 @@ def _init_ray() -> None:
 
 def resolve_compute(config: JobConfig, log: Callable[[str], None] = print) -> Compute:
     """Settle `auto` in compute.gpus_per_actor, model.dtype and model.attention against the cluster (joined or
-    started here): one GPU per model actor, bfloat16 and flex where the cluster has GPUs, where its autoscaler has
-    GPU node types, or where a GPU node joins within compute.gpu_wait_s (`log` says it waits); else the CPU,
-    float32 and sdpa."""
+    started here): one GPU per model actor and bfloat16 where the cluster has GPUs, where its autoscaler has GPU node
+    types, or where a GPU node joins within compute.gpu_wait_s (`log` says it waits); else the CPU and float32. The
+    attention is the model's `auto_attention` for that device and dtype."""
     _init_ray()
     gpus, reason = _gpus_per_actor(config.compute, log)
     dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if gpus else "float32")
-    # The model's own `auto` (flex where its weights are on CUDA), settled here so that the rows can say it.
-    attention = config.model.attention if config.model.attention != "auto" else ("flex" if gpus else "sdpa")
+    # The model's own `auto`, settled here so that the rows can say it.
+    attention = (config.model.attention if config.model.attention != "auto"
+                 else auto_attention("cuda" if gpus else "cpu", getattr(torch, dtype)))
     return Compute(gpus, dtype, attention, reason)
 
 
