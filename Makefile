@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (set up, then label the bundled sample) and `make test` (set up, then
-# the test suite; what CI runs). Set-up: a virtual environment in .venv, the CPU torch wheel first, then the project.
+# ruff and the test suite; what CI runs). Set-up: a virtual environment in .venv, the CPU torch wheel first, then the project.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 # The venv's bin first on PATH: the tests run the console script, as a user of the venv would.
@@ -11,6 +11,8 @@ demo: $(VENV)/installed
 	$(VENV)/bin/seggpt-autolabel demo
 
 test: $(VENV)/installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PYTHON) -m pytest -q --durations=20
 
 $(VENV)/installed: pyproject.toml .ci/constraints.txt

@@ -41,8 +41,16 @@ PROG = "seggpt-autolabel"
 DEMO = Path(__file__).parent / "demo"
 # What each command checks before any work: exit 2. Nothing raised once the work has started is among them (a file
 # gone mid-run is an error row, or exit 1 with its traceback).
-_REFUSALS = (ConfigError, PromptSetError, CheckpointError, InputError, OutputError, ExportError, ReviewError,
-             SelectionError)
+_REFUSALS = (
+    ConfigError,
+    PromptSetError,
+    CheckpointError,
+    InputError,
+    OutputError,
+    ExportError,
+    ReviewError,
+    SelectionError,
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,14 @@ def _names(text: str) -> list[str]:
 def _add_config(parser: argparse.ArgumentParser, config_help: str) -> None:
     """The YAML config and its `--set` overrides (`run`, `train`, `tune`)."""
     parser.add_argument("config", help=config_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
 
 
 def _add_storage_options(parser: argparse.ArgumentParser, options_help: str) -> None:
@@ -87,8 +101,11 @@ def _add_storage_options(parser: argparse.ArgumentParser, options_help: str) -> 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config(parser, "path of the job's YAML config")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check config, prompt set and checkpoint and count the inputs; label nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, prompt set and checkpoint and count the inputs; label nothing",
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -111,21 +128,36 @@ def _tune(args: argparse.Namespace) -> None:
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT_URI", help="the job's output (its labels/)")
-    parser.add_argument("--truth", required=True, metavar="URI",
-                        help="label maps keyed like the inputs: NAME.png / NAME.mask.png beside the images, KEY.png, "
-                             "WebDataset or Parquet shards with masks")
-    parser.add_argument("--ignore-index", type=_ignore_index, default=255, metavar="ID|none",
-                        help="truth pixels with this value count nowhere (default 255; none: every id is a class)")
+    parser.add_argument(
+        "--truth",
+        required=True,
+        metavar="URI",
+        help="label maps keyed like the inputs: NAME.png / NAME.mask.png beside the images, KEY.png, "
+        "WebDataset or Parquet shards with masks",
+    )
+    parser.add_argument(
+        "--ignore-index",
+        type=_ignore_index,
+        default=255,
+        metavar="ID|none",
+        help="truth pixels with this value count nowhere (default 255; none: every id is a class)",
+    )
     parser.add_argument("--lowest", type=int, default=5, metavar="N", help="list the N lowest-scoring images")
     parser.add_argument("--mask-field", default="seg.png", help="the mask member of WebDataset truth samples")
     parser.add_argument("--mask-column", default="mask", help="the mask column of Parquet truth shards")
     parser.add_argument("--json", metavar="URI", help="where to write the scores (default OUTPUT_URI/_evaluation.json)")
-    _add_storage_options(parser, "fsspec options for both URIs, e.g. '{\"client_kwargs\": {\"endpoint_url\": ...}}'")
+    _add_storage_options(parser, 'fsspec options for both URIs, e.g. \'{"client_kwargs": {"endpoint_url": ...}}\'')
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    scores = evaluate(args.output, args.truth, storage_options=args.storage_options, ignore_index=args.ignore_index,
-                      mask_field=args.mask_field, mask_column=args.mask_column)
+    scores = evaluate(
+        args.output,
+        args.truth,
+        storage_options=args.storage_options,
+        ignore_index=args.ignore_index,
+        mask_field=args.mask_field,
+        mask_column=args.mask_column,
+    )
     print(table(scores, lowest=args.lowest))
     target = args.json or f"{args.output.rstrip('/')}/_evaluation.json"
     with fsspec.open(target, "w", **args.storage_options) as file:
@@ -137,30 +169,48 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT_URI", help="the job's output")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--to", metavar="URI", help="where to write (default OUTPUT_URI/export/FORMAT)")
-    parser.add_argument("--classes", type=_names, metavar="A,B",
-                        help="only these classes (the others become background)")
+    parser.add_argument(
+        "--classes", type=_names, metavar="A,B", help="only these classes (the others become background)"
+    )
     parser.add_argument("--min-area", type=int, default=0, metavar="PX", help="drop regions smaller than this")
     _add_storage_options(parser, "fsspec options for both URIs")
 
 
 def _export(args: argparse.Namespace) -> None:
-    print(export(args.output, args.format, to=args.to, classes=args.classes, min_area=args.min_area,
-                 storage_options=args.storage_options))
+    print(
+        export(
+            args.output,
+            args.format,
+            to=args.to,
+            classes=args.classes,
+            min_area=args.min_area,
+            storage_options=args.storage_options,
+        )
+    )
 
 
 def _review_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT_URI", help="the job's output")
     parser.add_argument("--sample", type=int, metavar="N", help="picture N random ok images (default 100)")
     parser.add_argument("--lowest", type=int, metavar="N", help="picture the N lowest-scoring ok images")
-    parser.add_argument("--class", dest="class_name", metavar="NAME",
-                        help="only images with this class; --lowest by this class's score")
+    parser.add_argument(
+        "--class", dest="class_name", metavar="NAME", help="only images with this class; --lowest by this class's score"
+    )
     parser.add_argument("--to", metavar="URI", help="where to write (default OUTPUT_URI/review)")
     _add_storage_options(parser, "fsspec options for the output, the sources and --to")
 
 
 def _review(args: argparse.Namespace) -> None:
-    print(review(args.output, sample=args.sample, lowest=args.lowest, class_name=args.class_name, to=args.to,
-                 storage_options=args.storage_options))
+    print(
+        review(
+            args.output,
+            sample=args.sample,
+            lowest=args.lowest,
+            class_name=args.class_name,
+            to=args.to,
+            storage_options=args.storage_options,
+        )
+    )
 
 
 # --- select-prompts: a labelled pool ------------------------------------------------------------------------------
@@ -169,28 +219,54 @@ def _review(args: argparse.Namespace) -> None:
 def _select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pool", metavar="POOL_URI", help="labelled images: image + NAME.png masks, tar or Parquet")
     parser.add_argument("--checkpoint", required=True, metavar="URI", help="the model that will label with them")
-    parser.add_argument("--k", type=int, required=True,
-                        help="the most prompts to choose (fewer where more do not score measurably better)")
-    parser.add_argument("--classes", required=True, type=_names, metavar="A,B",
-                        help="names of class ids 1, 2, ... of the pool's masks")
-    parser.add_argument("--val-fraction", type=float, metavar="F",
-                        help="held out to score on (default 0.3 of the pool, at most about 300 images)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        required=True,
+        help="the most prompts to choose (fewer where more do not score measurably better)",
+    )
+    parser.add_argument(
+        "--classes", required=True, type=_names, metavar="A,B", help="names of class ids 1, 2, ... of the pool's masks"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="held out to score on (default 0.3 of the pool, at most about 300 images)",
+    )
     parser.add_argument("--candidates", type=int, default=32, metavar="N", help="training images to choose from")
     parser.add_argument("--random-draws", type=int, default=5, metavar="N", help="random K-sets to compare with")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--actors", type=int, default=1, help="scoring actors (each takes a GPU where there are)")
     parser.add_argument("--format", default="auto", choices=("auto", "images", "webdataset", "parquet"))
     parser.add_argument("--embedding", default="semantic", choices=("semantic", "instance"))
-    parser.add_argument("--to", default="selected-prompts", metavar="URI",
-                        help="the prompt folder to write (default ./selected-prompts)")
+    parser.add_argument(
+        "--to",
+        default="selected-prompts",
+        metavar="URI",
+        help="the prompt folder to write (default ./selected-prompts)",
+    )
     _add_storage_options(parser, "fsspec options for the pool, the checkpoint and --to")
 
 
 def _select(args: argparse.Namespace) -> None:
-    print(select_prompts(args.pool, checkpoint=args.checkpoint, classes=tuple(args.classes), k=args.k, to=args.to,
-                         val_fraction=args.val_fraction, candidates=args.candidates, random_draws=args.random_draws,
-                         seed=args.seed, format=args.format, embedding=args.embedding, actors=args.actors,
-                         storage_options=args.storage_options))
+    print(
+        select_prompts(
+            args.pool,
+            checkpoint=args.checkpoint,
+            classes=tuple(args.classes),
+            k=args.k,
+            to=args.to,
+            val_fraction=args.val_fraction,
+            candidates=args.candidates,
+            random_draws=args.random_draws,
+            seed=args.seed,
+            format=args.format,
+            embedding=args.embedding,
+            actors=args.actors,
+            storage_options=args.storage_options,
+        )
+    )
 
 
 # --- demo: the bundled sample -------------------------------------------------------------------------------------
@@ -215,9 +291,11 @@ def demo(output: str) -> None:
     print(table(scores))
     page = review(summary.output_uri)
     print(f"demo: mean IoU {scores.mean_iou:.3f} against the sample's ground truth")
-    print(f"look at: {page.page} (a page of {len(page.overlays)} overlays, lowest score first), "
-          f"{summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), "
-          f"{summary.output_uri}/_job.json")
+    print(
+        f"look at: {page.page} (a page of {len(page.overlays)} overlays, lowest score first), "
+        f"{summary.output_uri}/masks/*.png (indexed PNGs), {summary.output_uri}/labels/ (Parquet rows), "
+        f"{summary.output_uri}/_job.json"
+    )
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,17 +306,25 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, Command] = {
     "run": Command("run the job described by a YAML config", _run_arguments, _run),
-    "train": Command("in-context training on Ray Train, from a YAML config",
-                     lambda parser: _add_config(parser, "path of the training's YAML config"), _train),
+    "train": Command(
+        "in-context training on Ray Train, from a YAML config",
+        lambda parser: _add_config(parser, "path of the training's YAML config"),
+        _train,
+    ),
     "evaluate": Command("score a job's output against ground-truth label maps", _evaluate_arguments, _evaluate),
     "export": Command("write a job's labels as COCO, YOLO segmentation or label-map PNGs", _export_arguments, _export),
     "review": Command("overlay pictures and a static page of a job's labels", _review_arguments, _review),
-    "select-prompts": Command("choose K prompts from a labelled pool by validation mean IoU", _select_arguments,
-                              _select),
-    "tune": Command("in-context tuning of one prompt (model frozen) on Ray Train",
-                    lambda parser: _add_config(parser, "path of the tuning's YAML config"), _tune),
-    "demo": Command("label the bundled sample into ./seggpt-demo-output", _demo_arguments,
-                    lambda args: demo(args.output)),
+    "select-prompts": Command(
+        "choose K prompts from a labelled pool by validation mean IoU", _select_arguments, _select
+    ),
+    "tune": Command(
+        "in-context tuning of one prompt (model frozen) on Ray Train",
+        lambda parser: _add_config(parser, "path of the tuning's YAML config"),
+        _tune,
+    ),
+    "demo": Command(
+        "label the bundled sample into ./seggpt-demo-output", _demo_arguments, lambda args: demo(args.output)
+    ),
 }
 
 

@@ -5,6 +5,12 @@ from model.config import SegGptConfig
 from model.seggpt import SegGpt, SegGptOutput, auto_attention
 
 __all__ = [
-    "CheckpointError", "SegGpt", "SegGptConfig", "SegGptOutput", "auto_attention", "check_checkpoint", "hf_to_native",
+    "CheckpointError",
+    "SegGpt",
+    "SegGptConfig",
+    "SegGptOutput",
+    "auto_attention",
+    "check_checkpoint",
+    "hf_to_native",
     "load_model",
 ]

@@ -152,8 +152,9 @@ def _read_folder(fs: fsspec.AbstractFileSystem, folder: str, uri: str, header_on
             shards = sorted(set(json.load(f)["weight_map"].values()))
         missing = [shard for shard in shards if not fs.exists(posixpath.join(folder, shard))]
         if missing:
-            raise CheckpointError(f"{uri}: model.safetensors.index.json names shards that are not there: "
-                                  + ", ".join(missing))
+            raise CheckpointError(
+                f"{uri}: model.safetensors.index.json names shards that are not there: " + ", ".join(missing)
+            )
         return {
             key: value
             for shard in shards

@@ -79,14 +79,14 @@ class SegGptConfig:
         return self.image_size[0] // 2, self.image_size[1]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SegGptConfig":
+    def from_dict(cls, values: dict[str, Any]) -> SegGptConfig:
         """Build from a Hugging Face config dict; keys this model does not use (e.g. `hidden_dropout_prob`: it has no
         dropout) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, **storage_options: Any) -> "SegGptConfig":
+    def from_json(cls, path: str | os.PathLike, **storage_options: Any) -> SegGptConfig:
         """Read a `config.json` from a local path or any fsspec URL."""
         import fsspec
 

@@ -211,9 +211,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return x.to(dtype)
 
 
-def masks_to_class_ids(
-    pred_masks: torch.Tensor, palette: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def masks_to_class_ids(pred_masks: torch.Tensor, palette: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input half of the prediction, (B, 3, h, w) normalised -> (class ids, confidence), both (B, h, w).
 
     Colours are denormalised and clipped to 0..255 like the reference. With a palette (K, 3), the id is
@@ -239,7 +237,9 @@ def class_scores(ids: torch.Tensor, confidence: torch.Tensor, num_classes: int) 
     confidence over its pixels, NaN for a class with none. Computed where the tensors are (on the device)."""
     batch = ids.shape[0]
     index = ids.reshape(batch, -1).long()
-    sums = torch.zeros(batch, num_classes, device=ids.device).scatter_add_(1, index, confidence.reshape(batch, -1).float())
+    sums = torch.zeros(batch, num_classes, device=ids.device).scatter_add_(
+        1, index, confidence.reshape(batch, -1).float()
+    )
     counts = torch.zeros_like(sums).scatter_add_(1, index, torch.ones_like(sums[:, :1]).expand_as(index))
     return sums / counts  # 0 / 0: NaN
 

@@ -305,8 +305,13 @@ class SegGpt(nn.Module):
             elif isinstance(module, Attention) and module.use_rel_pos:
                 nn.init.trunc_normal_(module.rel_pos_h, std=std)
                 nn.init.trunc_normal_(module.rel_pos_w, std=std)
-        for token in (self.mask_token, self.segment_token_x, self.segment_token_y, self.type_token_cls,
-                      self.type_token_ins):
+        for token in (
+            self.mask_token,
+            self.segment_token_x,
+            self.segment_token_y,
+            self.type_token_cls,
+            self.type_token_ins,
+        ):
             nn.init.normal_(token, std=std)
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
@@ -462,11 +467,16 @@ class SegGpt(nn.Module):
         embedding_type: str,
     ) -> None:
         expected = (self.config.num_channels, *self.config.input_size)
-        named = {"pixel_values": pixel_values, "prompt_pixel_values": prompt_pixel_values,
-                 "prompt_masks": prompt_masks, "labels": labels}
+        named = {
+            "pixel_values": pixel_values,
+            "prompt_pixel_values": prompt_pixel_values,
+            "prompt_masks": prompt_masks,
+            "labels": labels,
+        }
         for name, tensor in named.items():
-            if tensor is not None and (tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected
-                                       or tensor.shape[0] != pixel_values.shape[0]):
+            if tensor is not None and (
+                tensor.ndim != 4 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] != pixel_values.shape[0]
+            ):
                 raise ValueError(
                     f"{name}: expected shape ({pixel_values.shape[0]}, {', '.join(map(str, expected))}), "
                     f"got {tuple(tensor.shape)}"

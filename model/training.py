@@ -32,7 +32,10 @@ def random_colours(num_labels: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def pair_batch(
-    prompt_images: np.ndarray, prompt_labels: np.ndarray, images: np.ndarray, labels: np.ndarray,
+    prompt_images: np.ndarray,
+    prompt_labels: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
     rng: np.random.Generator,
 ) -> dict[str, torch.Tensor]:
     """`SegGpt.forward` keyword arguments for pairs: uint8 images (B, H, W, 3) and label maps (B, H, W).
@@ -47,8 +50,12 @@ def pair_batch(
     def tensor(array: np.ndarray) -> torch.Tensor:
         return normalize(torch.from_numpy(np.ascontiguousarray(array)))
 
-    return {"pixel_values": tensor(images), "prompt_pixel_values": tensor(prompt_images),
-            "prompt_masks": tensor(prompt_masks), "labels": tensor(masks)}
+    return {
+        "pixel_values": tensor(images),
+        "prompt_pixel_values": tensor(prompt_images),
+        "prompt_masks": tensor(prompt_masks),
+        "labels": tensor(masks),
+    }
 
 
 def save_checkpoint(model: SegGpt, uri: str, storage_options: dict[str, Any] | None = None) -> None:

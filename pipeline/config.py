@@ -8,18 +8,27 @@ import copy
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import fsspec
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, NonNegativeFloat, Strict, Tag
-from pydantic import ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    Strict,
+    Tag,
+    ValidationError,
+)
 from pydantic_core import ErrorDetails
 
 from pipeline.storage.retry import DEFAULT_RETRY_S
 
 _SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
-ConfigSource = Union[str, os.PathLike, Mapping[str, Any]]
+ConfigSource = str | os.PathLike | Mapping[str, Any]
 
 
 class ConfigError(ValueError):
@@ -48,12 +57,14 @@ LIST_AS_TUPLE = Strict(False)  # a tuple-typed key takes the list YAML gives (it
 Text = Annotated[str, Field(min_length=1)]
 Location = Annotated[Text, AfterValidator(absolute_uri)]
 Locations = Annotated[  # one URI, or a list of them (kept as a tuple)
-    Union[Annotated[Location, Tag("one")],
-          Annotated[tuple[Location, ...], LIST_AS_TUPLE, AfterValidator(_non_empty), Tag("many")]],
-    Discriminator(lambda value: "many" if isinstance(value, (list, tuple)) else "one")]
+    Annotated[Location, Tag("one")]
+    | Annotated[tuple[Location, ...], LIST_AS_TUPLE, AfterValidator(_non_empty), Tag("many")],
+    Discriminator(lambda value: "many" if isinstance(value, (list, tuple)) else "one"),
+]
 Gpus = Annotated[  # `auto` is kept as given: resolved later, against the cluster the job runs on
-    Union[Annotated[Literal["auto"], Tag("auto")], Annotated[NonNegativeFloat, Tag("number")]],
-    Discriminator(lambda value: "auto" if value == "auto" else "number")]
+    Annotated[Literal["auto"], Tag("auto")] | Annotated[NonNegativeFloat, Tag("number")],
+    Discriminator(lambda value: "auto" if value == "auto" else "number"),
+]
 Format = Literal["auto", "images", "webdataset", "parquet"]
 
 
@@ -95,8 +106,9 @@ def load(source: ConfigSource, overrides: Sequence[str], config: type[AnyConfig]
     for override in overrides:
         _apply_override(raw, override, config)
     try:
-        return config.model_validate({name: value for name, value in raw.items()
-                                      if value is not None or name not in config.model_fields})
+        return config.model_validate(
+            {name: value for name, value in raw.items() if value is not None or name not in config.model_fields}
+        )
     except ValidationError as error:
         first = error.errors()[0]
         raise ConfigError(f"{_dotted_key(first['loc'])}: {_message(first)}") from None
@@ -142,8 +154,15 @@ def _dotted_key(loc: tuple[int | str, ...]) -> str:
     return ".".join(names) + "".join(f"[{part}]" for part in loc if isinstance(part, int))
 
 
-_EXPECTED = {"int_type": "int", "float_type": "a number", "bool_type": "true or false", "dict_type": "a mapping",
-             "model_type": "a mapping", "string_type": "a non-empty string", "string_too_short": "a non-empty string"}
+_EXPECTED = {
+    "int_type": "int",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "string_type": "a non-empty string",
+    "string_too_short": "a non-empty string",
+}
 
 
 def _message(error: ErrorDetails) -> str:
@@ -168,5 +187,7 @@ def _redact(value: Any) -> Any:
         return [_redact(item) for item in value]
     if not isinstance(value, dict):
         return value
-    return {key: "***" if any(marker in str(key).lower() for marker in _SECRET_MARKERS) else _redact(item)
-            for key, item in value.items()}
+    return {
+        key: "***" if any(marker in str(key).lower() for marker in _SECRET_MARKERS) else _redact(item)
+        for key, item in value.items()
+    }

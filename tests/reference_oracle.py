@@ -32,9 +32,7 @@ def make_reference(seed: int = 0, **config) -> SegGptForImageSegmentation:
     else:
         # transformers' `_init_weights` touches `rel_pos_h` unconditionally, so the reference cannot be built
         # without relative positions: build it with them, then switch them off exactly as its __init__ would.
-        ref = SegGptForImageSegmentation(
-            HFSegGptConfig(**dict(config, use_relative_position_embeddings=True))
-        ).eval()
+        ref = SegGptForImageSegmentation(HFSegGptConfig(**dict(config, use_relative_position_embeddings=True))).eval()
         ref.config.use_relative_position_embeddings = False
         for layer in ref.model.encoder.layers:
             layer.attention.use_relative_position_embeddings = False

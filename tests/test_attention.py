@@ -13,12 +13,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_oracle import make_inputs
+from test_model_parity import CONFIGS, LOWP_BOUND
 
 import model.seggpt
 from model import SegGpt, SegGptConfig, auto_attention
 from model.seggpt import _chunked_attention, _dense_bias
-from reference_oracle import make_inputs
-from test_model_parity import CONFIGS, LOWP_BOUND
 
 
 def _max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,8 +63,14 @@ def test_auto_attention_is_sdpa_on_the_cpu_and_unknown_backends_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 @torch.no_grad()
 def test_flex_attention_equals_sdpa_on_cuda_in_bfloat16():
-    config = SegGptConfig(hidden_size=1024, num_attention_heads=16, num_hidden_layers=2, image_size=[896, 448],
-                          merge_index=0, intermediate_hidden_state_indices=[0, 1])
+    config = SegGptConfig(
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_hidden_layers=2,
+        image_size=[896, 448],
+        merge_index=0,
+        intermediate_hidden_state_indices=[0, 1],
+    )
     torch.manual_seed(0)
     model = SegGpt(config).eval().cuda()
     for num_prompts in (1, 3):
@@ -115,12 +121,28 @@ def test_chunked_attention_equals_written_out_attention(grid, rows, dtype, chunk
 
 # Patch grids with an odd number of columns: 10 x 7 and 6 x 9 (the rows are always even: prompt above input).
 ODD_GRIDS = {
-    "10x7": dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, image_size=[80, 56], patch_size=8,
-                 merge_index=1, intermediate_hidden_state_indices=[1, 2], pretrain_image_size=32,
-                 decoder_hidden_size=8),
-    "6x9": dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, image_size=[96, 144], patch_size=16,
-                merge_index=0, intermediate_hidden_state_indices=[0, 1], pretrain_image_size=48,
-                decoder_hidden_size=8),
+    "10x7": dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=3,
+        image_size=[80, 56],
+        patch_size=8,
+        merge_index=1,
+        intermediate_hidden_state_indices=[1, 2],
+        pretrain_image_size=32,
+        decoder_hidden_size=8,
+    ),
+    "6x9": dict(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=[96, 144],
+        patch_size=16,
+        merge_index=0,
+        intermediate_hidden_state_indices=[0, 1],
+        pretrain_image_size=48,
+        decoder_hidden_size=8,
+    ),
 }
 
 
@@ -153,7 +175,8 @@ def test_chunked_model_equals_sdpa(name, chunk_scores, monkeypatch):
 def test_auto_attention_is_chunked_for_bfloat16_on_the_cpu():
     model_ = SegGpt(SegGptConfig(**CONFIGS["h32_d2_m0_p8_64x32"]))
     assert {m.backend for m in model_.bfloat16().set_attention("auto").modules() if hasattr(m, "backend")} == {
-        "chunked"}
+        "chunked"
+    }
     assert {m.backend for m in model_.float().set_attention("auto").modules() if hasattr(m, "backend")} == {"sdpa"}
     assert auto_attention("cpu", torch.bfloat16) == "chunked"
     assert auto_attention(torch.device("cpu"), torch.float32) == auto_attention("cpu", torch.float16) == "sdpa"

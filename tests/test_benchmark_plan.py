@@ -36,7 +36,8 @@ def test_plan_reads_little_and_finds_the_error_keys(tmp_path):
 
     # the same data is reused, not made again
     assert synthesise_plan_data(tmp_path, INPUTS, ROWS, MASK_BYTES, log=lambda line: None) == {
-        "inputs_s": 0.0, "labels_s": 0.0
+        "inputs_s": 0.0,
+        "labels_s": 0.0,
     }
 
 

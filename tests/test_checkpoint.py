@@ -67,7 +67,7 @@ def authors_names(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         layer, rest = key.removeprefix("model.encoder.layers.").split(".", 1)
         for hf, ours in per_layer.items():
             if rest.startswith(hf):
-                out[f"blocks.{layer}.{ours}{rest[len(hf):]}"] = value
+                out[f"blocks.{layer}.{ours}{rest[len(hf) :]}"] = value
                 break
         else:
             raise AssertionError(f"unmapped key {key}")
@@ -144,8 +144,11 @@ def test_load_from_s3(s3_bucket, hf_folder, authors_file, inputs):
 def test_authors_file_without_config_defaults_to_vit_large(authors_file, tmp_path):
     lone = tmp_path / "seggpt_vit_large.pth"
     lone.write_bytes(open(authors_file, "rb").read())
-    with pytest.raises(CheckpointError, match=r"mis-shaped .*patch_embed\.proj\.weight: checkpoint \(32, 3, 8, 8\), "
-                                              r"model \(1024, 3, 16, 16\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped .*patch_embed\.proj\.weight: checkpoint \(32, 3, 8, 8\), "
+        r"model \(1024, 3, 16, 16\)",
+    ):
         load_model(str(lone))
 
 
@@ -223,8 +226,11 @@ def test_check_checkpoint_reads_safetensors_headers_only(hf_folder, tmp_path):
     data = open(os.path.join(hf_folder, "model.safetensors"), "rb").read()
     size = int.from_bytes(data[:8], "little")
     (tmp_path / "model.safetensors").write_bytes(data[: 8 + size])  # the header alone: no tensor data
-    with pytest.raises(CheckpointError, match=r"mis-shaped \(\d+\): .*pos_embed: checkpoint \(1, 10, 32\), "
-                                              r"model \(1, 10, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped \(\d+\): .*pos_embed: checkpoint \(1, 10, 32\), "
+        r"model \(1, 10, 64\)",
+    ):
         check_checkpoint(str(tmp_path))
 
 
@@ -234,7 +240,9 @@ def test_loading_does_not_import_torchs_compiler(hf_folder):
     import subprocess
     import sys
 
-    code = ("import sys; from model import load_model; load_model(sys.argv[1]); "
-            "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo')))")
+    code = (
+        "import sys; from model import load_model; load_model(sys.argv[1]); "
+        "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo')))"
+    )
     out = subprocess.run([sys.executable, "-c", code, hf_folder], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -74,8 +74,13 @@ def test_full_config_keeps_every_value():
             },
             "model": {"checkpoint": "ckpt", "dtype": "bfloat16", "attention": "flex"},
             "output": {"uri": "out", "png": False, "resume": False},
-            "compute": {"batch_size": 4, "actors": [1, 3], "gpus_per_actor": 0.5, "cpus_per_actor": 2,
-                        "cpus_per_task": 0.5},
+            "compute": {
+                "batch_size": 4,
+                "actors": [1, 3],
+                "gpus_per_actor": 0.5,
+                "cpus_per_actor": 2,
+                "cpus_per_task": 0.5,
+            },
             "storage": {"retry_s": 30},
             "storage_options": {"anon": True},
         }
@@ -207,8 +212,9 @@ def test_example_config_of_the_docs_is_valid():
 
 
 def test_remote_uris_are_kept_and_local_ones_made_absolute():
-    config = load_config({**MINIMAL, "input": {"uri": ["s3://bucket/a/", "file:///data/b", "~/c"]},
-                          "output": {"uri": "gs://bucket/out"}})
+    config = load_config(
+        {**MINIMAL, "input": {"uri": ["s3://bucket/a/", "file:///data/b", "~/c"]}, "output": {"uri": "gs://bucket/out"}}
+    )
     assert config.input.uris == ("s3://bucket/a/", "/data/b", os.path.expanduser("~/c"))
     assert config.output.uri == "gs://bucket/out"
 

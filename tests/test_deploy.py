@@ -63,8 +63,11 @@ def strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     schema = {key: strict(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get(
-            "x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         schema["additionalProperties"] = False
     return schema
 
@@ -79,8 +82,10 @@ def test_kuberay_accepts_the_rayjob():
     assert schema_errors(ray_job) == []
     misspelt = copy.deepcopy(ray_job)  # the check itself: a field RayJob does not have, deep in a pod, is refused
     misspelt["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["envfrom"] = []
-    assert schema_errors(misspelt) == ["$.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]: "
-                                       "Additional properties are not allowed ('envfrom' was unexpected)"]
+    assert schema_errors(misspelt) == [
+        "$.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]: "
+        "Additional properties are not allowed ('envfrom' was unexpected)"
+    ]
     # what KubeRay's controller refuses (ray-operator/controllers/ray/utils/validation.go, ValidateRayClusterSpec)
     for group in ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
@@ -126,8 +131,11 @@ def references(pod: dict) -> Iterator[tuple[str, str, bool]]:
 def made_here() -> set[tuple[str, str]]:
     """(kind, name) of the objects these files create, or tell the user to create (`kubectl create configmap`)."""
     made = {(document["kind"], document["metadata"].get("name")) for document in deploy_documents()}
-    told = {name for path in DEPLOY.glob("*.yaml") for name in re.findall(r"kubectl create configmap (\S+)",
-                                                                           path.read_text())}
+    told = {
+        name
+        for path in DEPLOY.glob("*.yaml")
+        for name in re.findall(r"kubectl create configmap (\S+)", path.read_text())
+    }
     return made | {("ConfigMap", name) for name in told}
 
 
@@ -136,8 +144,11 @@ def test_no_pod_waits_on_an_object_a_user_may_not_have():
     a volume that never mounts). The credentials Secret is one a user with an instance role or IRSA never makes."""
     made, required = made_here(), []
     for where, pod in pod_specs():
-        required += [f"{where}: {kind} {name}" for kind, name, optional in references(pod)
-                     if not optional and (kind, name) not in made]
+        required += [
+            f"{where}: {kind} {name}"
+            for kind, name, optional in references(pod)
+            if not optional and (kind, name) not in made
+        ]
         if "serviceAccountName" in pod:  # a pod naming a service account that does not exist is refused
             assert ("ServiceAccount", pod["serviceAccountName"]) in made, where
         volumes = {volume["name"] for volume in pod.get("volumes", [])}
@@ -157,8 +168,10 @@ def test_the_daily_schedule_creates_the_rayjob_from_its_configmap():
     volume = next(volume for volume in pod["volumes"] if volume["name"] == mount["name"])
     configmap = volume["configMap"]["name"]
     # the ConfigMap is made from rayjob.yaml by the command written at the top of the file
-    assert f"kubectl create configmap {configmap} --from-file=rayjob.yaml=jobs/deploy/rayjob.yaml" in (
-        DEPLOY / "schedule.yaml").read_text()
+    assert (
+        f"kubectl create configmap {configmap} --from-file=rayjob.yaml=jobs/deploy/rayjob.yaml"
+        in (DEPLOY / "schedule.yaml").read_text()
+    )
     account = pod["serviceAccountName"]
     assert documents["ServiceAccount"]["metadata"]["name"] == account
     binding = documents["RoleBinding"]
@@ -201,7 +214,10 @@ def secret_keys(options: dict) -> list[str]:
 def test_local_example_runs_from_the_checkout(monkeypatch):
     monkeypatch.chdir(REPO)
     report = dry_run(str(CONFIGS / "local.yaml"))
-    assert report["inputs"]["images"] == len(list((DEMO / "images").iterdir())) and report["classes"] == ["bar", "triangle"]
+    assert report["inputs"]["images"] == len(list((DEMO / "images").iterdir())) and report["classes"] == [
+        "bar",
+        "triangle",
+    ]
 
 
 def test_aws_example_takes_credentials_and_endpoint_from_the_environment(s3_server, monkeypatch):

@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from test_read import parquet_bytes, tar_bytes
+from test_write import batch, result
 
 from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.results.evaluate import evaluate, report, table
 from pipeline.labelling.write import LabelWriter
+from pipeline.results.evaluate import evaluate, report, table
 from pipeline.storage.output import write_job_files
-from test_read import parquet_bytes, tar_bytes
-from test_write import batch, result
 
 CLASSES = ["background", "disc", "square"]
 TRUTH_A = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [0, 0, 0, 0]], np.uint8)
@@ -87,17 +87,30 @@ def test_hand_made_case_with_ignore_pixels_missing_and_unusable(place, capsys):
     ignored = TRUTH_A.copy()
     ignored[3, :] = 255  # the bottom row: "don't care", where a's labels are all background
     ignored[0, 1] = 255  # a pixel a's labels call disc
-    make_output(output, options, [
-        labelled("a.jpg", LABELS_A),
-        result("c.jpg", ok=False),  # an error row
-        labelled("d.jpg", LABELS_A),  # no truth: not compared
-    ], [
-        {**result("e.jpg"), "mask": b"not a png"},  # an unreadable mask
-        labelled("f.jpg", LABELS_A),  # truth with an id that is not a class
-    ])
-    put(truth, options, {"a.png": png(ignored), "b.jpg.png": png(np.ones((2, 2), np.uint8)),  # b: no row at all
-                         "c.png": png(np.zeros((2, 2), np.uint8)), "e.png": png(np.full((1, 2), 2, np.uint8)),
-                         "f.png": png(np.array([[0, 7], [2, 1]], np.uint8))})
+    make_output(
+        output,
+        options,
+        [
+            labelled("a.jpg", LABELS_A),
+            result("c.jpg", ok=False),  # an error row
+            labelled("d.jpg", LABELS_A),  # no truth: not compared
+        ],
+        [
+            {**result("e.jpg"), "mask": b"not a png"},  # an unreadable mask
+            labelled("f.jpg", LABELS_A),  # truth with an id that is not a class
+        ],
+    )
+    put(
+        truth,
+        options,
+        {
+            "a.png": png(ignored),
+            "b.jpg.png": png(np.ones((2, 2), np.uint8)),  # b: no row at all
+            "c.png": png(np.zeros((2, 2), np.uint8)),
+            "e.png": png(np.full((1, 2), 2, np.uint8)),
+            "f.png": png(np.array([[0, 7], [2, 1]], np.uint8)),
+        },
+    )
 
     scores = evaluate(output, truth, storage_options=options)
 
@@ -130,10 +143,15 @@ def test_hand_made_case_with_ignore_pixels_missing_and_unusable(place, capsys):
     images = {image["key"]: image for image in written["images"]}
     assert sorted(images) == ["a.jpg", "b.jpg.png", "c.jpg", "e.jpg"]
     assert images["a.jpg"]["status"] == "compared" and images["a.jpg"]["iou"] == pytest.approx(
-        {"background": 3 / 5, "disc": 1.0, "square": 0.5})
+        {"background": 3 / 5, "disc": 1.0, "square": 0.5}
+    )
     assert images["a.jpg"]["mean_iou"] == pytest.approx(0.75)
-    assert images["b.jpg.png"] == {"key": "b.jpg.png", "status": "missed", "mean_iou": 0.0,
-                                   "iou": {"background": None, "disc": 0.0, "square": None}}
+    assert images["b.jpg.png"] == {
+        "key": "b.jpg.png",
+        "status": "missed",
+        "mean_iou": 0.0,
+        "iou": {"background": None, "disc": 0.0, "square": None},
+    }
 
 
 def test_ignore_index_options_against_mmseg_on_many_images(tmp_path, capsys):
@@ -142,8 +160,10 @@ def test_ignore_index_options_against_mmseg_on_many_images(tmp_path, capsys):
     rng = np.random.default_rng(0)
     keys = [f"img{i:02d}.jpg" for i in range(12)]
     truths = {key: rng.integers(0, 3, (6 + i % 3, 9)).astype(np.uint8) for i, key in enumerate(keys)}
-    preds = {key: np.where(rng.random(t.shape) < 0.7, t, rng.integers(0, 3, t.shape)).astype(np.uint8)
-             for key, t in truths.items()}
+    preds = {
+        key: np.where(rng.random(t.shape) < 0.7, t, rng.integers(0, 3, t.shape)).astype(np.uint8)
+        for key, t in truths.items()
+    }
     for t in truths.values():
         t[rng.random(t.shape) < 0.1] = 255
     output, truth = str(tmp_path / "out"), str(tmp_path / "truth")
@@ -162,8 +182,9 @@ def test_ignore_index_options_against_mmseg_on_many_images(tmp_path, capsys):
     for t in truths.values():  # 255 back to class 2; class 1 ignored instead
         t[t == 255] = 2
     put(truth, {}, {key.replace(".jpg", ".png"): png(t) for key, t in truths.items()})
-    assert cli(["evaluate", output, "--truth", truth, "--ignore-index", "1", "--json",
-                str(tmp_path / "scores.json")]) == 0
+    assert (
+        cli(["evaluate", output, "--truth", truth, "--ignore-index", "1", "--json", str(tmp_path / "scores.json")]) == 0
+    )
     iou, accuracy = mmseg_counts([(truths[k], preds[k]) for k in keys], 3, 1)
     written = json.loads((tmp_path / "scores.json").read_text())
     assert list(written["iou"].values()) == pytest.approx(iou) and written["pixel_accuracy"] == pytest.approx(accuracy)
@@ -179,16 +200,30 @@ def test_the_pairs_layout_with_png_and_jpeg_images(tmp_path):
     rng = np.random.default_rng(1)
     maps = {name: rng.integers(0, 3, (8, 8)).astype(np.uint8) for name in "abg"}
     picture = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
-    put(str(tmp_path / "pool"), {}, {"a.jpg": jpeg(picture), "a.png": png(maps["a"]), "b.png": png(picture),
-                                     "b.mask.png": png(maps["b"]), "g.png": png(picture), "g.mask.png": png(maps["g"])})
+    put(
+        str(tmp_path / "pool"),
+        {},
+        {
+            "a.jpg": jpeg(picture),
+            "a.png": png(maps["a"]),
+            "b.png": png(picture),
+            "b.mask.png": png(maps["b"]),
+            "g.png": png(picture),
+            "g.mask.png": png(maps["g"]),
+        },
+    )
     wrong = (maps["b"] + 1) % 3
     put(str(tmp_path / "pool"), {}, {"h.png": png(picture)})  # an image without a mask, and h.jpg's row
-    make_output(str(tmp_path / "out"), {}, [labelled("a.jpg", maps["a"]), labelled("b.png", wrong),
-                                            labelled("h.jpg", maps["a"])])
+    make_output(
+        str(tmp_path / "out"),
+        {},
+        [labelled("a.jpg", maps["a"]), labelled("b.png", wrong), labelled("h.jpg", maps["a"])],
+    )
 
     scores = evaluate(str(tmp_path / "out"), str(tmp_path / "pool"))
-    iou, accuracy = mmseg_counts([(maps["a"], maps["a"]), (maps["b"], wrong),
-                                  (maps["g"], np.full((8, 8), -1))], 3, 255)  # g: nothing predicted
+    iou, accuracy = mmseg_counts(
+        [(maps["a"], maps["a"]), (maps["b"], wrong), (maps["g"], np.full((8, 8), -1))], 3, 255
+    )  # g: nothing predicted
     assert scores.iou == pytest.approx(iou) and scores.pixel_accuracy == pytest.approx(accuracy)
     assert scores.compared == 2 and list(scores.missing) == ["g.mask.png"]
     assert scores.unusable == {"h.jpg": "truth: RGB image, not a label map (pixel = class id)"}
@@ -203,9 +238,15 @@ def test_webdataset_and_parquet_truth_with_other_mask_names(tmp_path):
     picture = jpeg(rng.integers(0, 255, (6, 7, 3)).astype(np.uint8))
     members = [(f"000{i}.jpg", picture) for i in range(3)]
     members = [m for i, member in enumerate(members) for m in (member, (f"000{i}.label.png", png(maps[i])))]
-    table_bytes = parquet_bytes(pa.table({"image": [picture] * 2,
-                                          "truth": [{"bytes": png(maps[3]), "path": "3.png"},
-                                                    {"bytes": png(maps[4]), "path": None}]}), 1)  # the HF struct
+    table_bytes = parquet_bytes(
+        pa.table(
+            {
+                "image": [picture] * 2,
+                "truth": [{"bytes": png(maps[3]), "path": "3.png"}, {"bytes": png(maps[4]), "path": None}],
+            }
+        ),
+        1,
+    )  # the HF struct
     put(str(tmp_path / "truth"), {}, {"shard.tar": tar_bytes(members), "table.parquet": table_bytes})
     preds = [np.where(rng.random(m.shape) < 0.6, m, 0).astype(np.uint8) for m in maps]
     keys = ["shard.tar/0000.jpg", "shard.tar/0001.jpg", "shard.tar/0002.jpg", "table.parquet/0", "table.parquet/1"]

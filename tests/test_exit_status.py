@@ -40,8 +40,14 @@ def flaky_s3():
     server.server.stop()
 
 
-def job_file(tmp_path: Path, images: str, output: str, storage_options: dict | None = None, *,
-             checkpoint: Path = DEMO / "checkpoint") -> Path:
+def job_file(
+    tmp_path: Path,
+    images: str,
+    output: str,
+    storage_options: dict | None = None,
+    *,
+    checkpoint: Path = DEMO / "checkpoint",
+) -> Path:
     config = {
         "input": {"uri": images},
         "prompts": {"uri": str(DEMO / "prompts"), "classes": json.loads((DEMO / "classes.json").read_text())},
@@ -80,15 +86,22 @@ def test_a_checkpoint_missing_a_shard_is_refused_naming_it(tmp_path):
     checkpoint = tmp_path / "sharded"
     checkpoint.mkdir()
     shutil.copy(DEMO / "checkpoint" / "config.json", checkpoint)
-    index = {"weight_map": {"pos_embed": "model-00001-of-00002.safetensors",
-                            "mask_token": "model-00002-of-00002.safetensors"}}
+    index = {
+        "weight_map": {
+            "pos_embed": "model-00001-of-00002.safetensors",
+            "mask_token": "model-00002-of-00002.safetensors",
+        }
+    }
     (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     shutil.copy(DEMO / "checkpoint" / "model.safetensors", checkpoint / "model-00001-of-00002.safetensors")
-    result = cli("run", str(job_file(tmp_path, str(local_images(tmp_path)), str(tmp_path / "out"),
-                                     checkpoint=checkpoint)))
+    result = cli(
+        "run", str(job_file(tmp_path, str(local_images(tmp_path)), str(tmp_path / "out"), checkpoint=checkpoint))
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [f"seggpt-autolabel: error: {checkpoint}: model.safetensors.index.json "
-                                          f"names shards that are not there: model-00002-of-00002.safetensors"]
+    assert result.stderr.splitlines() == [
+        f"seggpt-autolabel: error: {checkpoint}: model.safetensors.index.json "
+        f"names shards that are not there: model-00002-of-00002.safetensors"
+    ]
     assert not (tmp_path / "out").exists()  # nothing touched
 
 
@@ -108,8 +121,14 @@ def test_an_input_gone_mid_run_is_an_error_row_and_the_run_exits_0(tmp_path):
     """Listed, then deleted before it is read (FileNotFoundError, once a refusal): the run goes on and exits 0."""
     images = local_images(tmp_path)
     gone = images / IMAGES[1].name
-    child = subprocess.Popen([str(CLI), "run", str(job_file(tmp_path, str(images), str(tmp_path / "out")))], cwd=REPO,
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(CLI), "run", str(job_file(tmp_path, str(images), str(tmp_path / "out")))],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in child.stdout:  # listed, not read yet: Ray starts after this line
         if line.startswith("planned:"):
             gone.unlink()
@@ -178,8 +197,9 @@ def test_an_outage_a_read_task_meets_first_exits_3(tmp_path, flaky_s3):
     result = run_through_an_outage(tmp_path, flaky_s3, f"s3://{bucket}/images", bucket)
     assert result.returncode == 3, result.stderr
     (line,) = said(result.stderr)
-    assert line.startswith("seggpt-autolabel: error: storage unreachable for 1 s (storage.retry_s) at "
-                           f"s3://{bucket}/out/labels/part-"), line
+    assert line.startswith(
+        f"seggpt-autolabel: error: storage unreachable for 1 s (storage.retry_s) at s3://{bucket}/out/labels/part-"
+    ), line
     assert result.stderr.splitlines()[-1] == line  # the CLI's line, no traceback of its own after it
 
 
@@ -190,6 +210,7 @@ def test_an_outage_the_writer_meets_first_exits_3(tmp_path, flaky_s3):
     result = run_through_an_outage(tmp_path, flaky_s3, str(local_images(tmp_path)), bucket)
     assert result.returncode == 3, result.stderr
     (line,) = said(result.stderr)
-    assert line.startswith("seggpt-autolabel: error: storage unreachable for 1 s (storage.retry_s) at "
-                           f"s3://{bucket}/out/masks: "), line
+    assert line.startswith(
+        f"seggpt-autolabel: error: storage unreachable for 1 s (storage.retry_s) at s3://{bucket}/out/masks: "
+    ), line
     assert result.stderr.splitlines()[-1] == line

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
+from test_write import batch, result
 
 from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.results.export import export
 from pipeline.labelling.write import LabelWriter
+from pipeline.results.export import export
 from pipeline.storage.output import write_job_files
-from test_write import batch, result
 
 CLASSES = ["background", "bar", "disc"]
 SHAPES = [(60, 80), (90, 70), (64, 64)]  # (height, width)
@@ -58,8 +58,15 @@ def output(request, tmp_path) -> tuple[str, dict, dict[str, np.ndarray]]:
         bucket, options = request.getfixturevalue("s3_bucket")
         uri = f"{bucket}/out"
     maps = {f"day/{i:03d}.jpg": scene(i)[0] for i in range(150)}
-    rows = [{**result(key), "width": labels.shape[1], "height": labels.shape[0],
-             "mask": encode_png(labels, build_palette(2))} for key, labels in maps.items()]
+    rows = [
+        {
+            **result(key),
+            "width": labels.shape[1],
+            "height": labels.shape[0],
+            "mask": encode_png(labels, build_palette(2)),
+        }
+        for key, labels in maps.items()
+    ]
     rows += [result(f"broken/{i}.jpg", ok=False) for i in range(5)]
     writer = LabelWriter(uri, options, png=False)
     for start in range(0, len(rows), 52):
@@ -81,8 +88,10 @@ def test_coco_round_trip(output):
     assert (summary.images, summary.skipped, summary.regions) == (150, 5, 150 * 5)
     assert lines and lines[-1].startswith("export: ") and lines[-1].endswith(" of 155 rows")
     coco = read_json(f"{uri}/export/coco/instances.json", options)
-    assert coco["categories"] == [{"id": 1, "name": "bar", "supercategory": ""},
-                                  {"id": 2, "name": "disc", "supercategory": ""}]
+    assert coco["categories"] == [
+        {"id": 1, "name": "bar", "supercategory": ""},
+        {"id": 2, "name": "disc", "supercategory": ""},
+    ]
     images = {image["id"]: image for image in coco["images"]}
     assert sorted(image["file_name"] for image in images.values()) == sorted(maps)
     unions = {image_id: np.zeros((image["height"], image["width"]), np.uint8) for image_id, image in images.items()}
@@ -90,7 +99,9 @@ def test_coco_round_trip(output):
     for annotation in coco["annotations"]:
         image = images[annotation["image_id"]]
         assert (image["height"], image["width"]) == maps[image["file_name"]].shape
-        region = coco_mask.decode({**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()})
+        region = coco_mask.decode(
+            {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
+        )
         ys, xs = np.nonzero(region)
         assert annotation["area"] == len(ys) and annotation["iscrowd"] == 0
         assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
@@ -159,8 +170,9 @@ def _component_of(pixels: np.ndarray, seed: np.ndarray) -> np.ndarray:
 
 def test_cli_refuses_unknown_classes(output, capsys):
     uri, options, _ = output
-    assert cli(["export", uri, "--format", "coco", "--classes", "bar,cat",
-                "--storage-options", json.dumps(options)]) == 2
+    assert (
+        cli(["export", uri, "--format", "coco", "--classes", "bar,cat", "--storage-options", json.dumps(options)]) == 2
+    )
     assert "--classes: cat not among the job's classes (bar, disc)" in capsys.readouterr().err
 
 
@@ -176,8 +188,15 @@ def test_outputs_from_before_class_scores_still_export_and_review(tmp_path):
     for key, labels in maps.items():
         source = images / key.replace("/", "-")
         Image.fromarray(np.zeros((*labels.shape, 3), np.uint8)).save(source, format="PNG")
-        rows.append({**result(key), "source": str(source), "width": labels.shape[1], "height": labels.shape[0],
-                     "mask": encode_png(labels, build_palette(2))})
+        rows.append(
+            {
+                **result(key),
+                "source": str(source),
+                "width": labels.shape[1],
+                "height": labels.shape[0],
+                "mask": encode_png(labels, build_palette(2)),
+            }
+        )
     LabelWriter(uri, {}, png=False)(batch(rows[:1]))
     old = batch(rows[1:]).drop_columns(["class_scores"])
     pq.write_table(old, f"{uri}/labels/part-old.parquet")

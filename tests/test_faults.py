@@ -21,19 +21,19 @@ from moto.server import ThreadedMotoServer
 from ray.core.generated import gcs_pb2
 
 from jobs.cli import main as cli
+from model.processing import decode_png
 from pipeline.labelling.job import build_dataset, plan
 from pipeline.prompts.sets import PromptSet
 from pipeline.storage.retry import Retry, StorageUnavailable, is_transient, storage_failure
-from model.processing import decode_png
 from tests.test_job import expected_map, long_job, own_processes, read_labels
-
 
 # --- the policy ------------------------------------------------------------------------------------------------
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
-    return botocore.exceptions.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                                           "GetObject")
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 def as_s3fs_raises(cause: Exception) -> OSError:
@@ -43,22 +43,25 @@ def as_s3fs_raises(cause: Exception) -> OSError:
     return error
 
 
-@pytest.mark.parametrize("error, transient", [
-    (botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b"), True),
-    (botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1/b"), True),
-    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
-    (ConnectionResetError(errno.ECONNRESET, "reset by peer"), True),
-    (TimeoutError("timed out"), True),
-    (client_error("SlowDown", 503), True),
-    (client_error("InternalError", 500), True),
-    (as_s3fs_raises(client_error("ServiceUnavailable", 503)), True),
-    (FileNotFoundError(errno.ENOENT, "no such key"), False),
-    (PermissionError(errno.EACCES, "access denied"), False),
-    (client_error("AccessDenied", 403), False),
-    (as_s3fs_raises(client_error("InvalidArgument", 400)), False),
-    (OSError(errno.ENOSPC, "no space left on device"), False),
-    (ValueError("not an image"), False),
-])
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b"), True),
+        (botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1/b"), True),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset by peer"), True),
+        (TimeoutError("timed out"), True),
+        (client_error("SlowDown", 503), True),
+        (client_error("InternalError", 500), True),
+        (as_s3fs_raises(client_error("ServiceUnavailable", 503)), True),
+        (FileNotFoundError(errno.ENOENT, "no such key"), False),
+        (PermissionError(errno.EACCES, "access denied"), False),
+        (client_error("AccessDenied", 403), False),
+        (as_s3fs_raises(client_error("InvalidArgument", 400)), False),
+        (OSError(errno.ENOSPC, "no space left on device"), False),
+        (ValueError("not an image"), False),
+    ],
+)
 def test_transient_errors_are_told_from_permanent_ones(error, transient):
     assert is_transient(error) is transient
 
@@ -93,8 +96,10 @@ def test_retry_until_success_permanent_errors_at_once_and_the_budget():
     with pytest.raises(StorageUnavailable) as raised:
         Retry(0.5, first_delay_s=0.05, max_delay_s=0.1)(failing(refused, calls), "s3://bucket/out/labels/x.parquet")
     assert 0.3 < time.monotonic() - start < 1.5 and len(calls) > 3  # backed off, kept trying, stopped at the budget
-    assert str(raised.value) == ("storage unreachable for 0.5 s (storage.retry_s) at s3://bucket/out/labels/x.parquet: "
-                                 "ConnectionRefusedError: [Errno 111] Connection refused")
+    assert str(raised.value) == (
+        "storage unreachable for 0.5 s (storage.retry_s) at s3://bucket/out/labels/x.parquet: "
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
     wrapped = RuntimeError("task failed")
     wrapped.__cause__ = raised.value
     assert storage_failure(wrapped) is raised.value and storage_failure(RuntimeError("other")) is None
@@ -113,8 +118,11 @@ class FlakyS3:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         self.host, self.port = self.server.get_host_and_port()
-        self.options = {"key": "testing", "secret": "testing",
-                        "client_kwargs": {"endpoint_url": f"http://{self.host}:{self.port}"}}
+        self.options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": f"http://{self.host}:{self.port}"},
+        }
 
     def stop(self) -> None:
         self.server.stop()
@@ -137,8 +145,11 @@ def s3_job(tmp_path: Path, server: FlakyS3, count: int, bucket: str) -> tuple[di
     config = long_job(tmp_path, count)
     fs = fsspec.filesystem("s3", **server.options)
     fs.mkdir(bucket)
-    for name, local in (("data", config["input"]["uri"]), ("model", config["model"]["checkpoint"]),
-                        ("prompts", config["prompts"]["uri"])):
+    for name, local in (
+        ("data", config["input"]["uri"]),
+        ("model", config["model"]["checkpoint"]),
+        ("prompts", config["prompts"]["uri"]),
+    ):
         fs.put(local, f"{bucket}/{name}", recursive=True)
     config["input"]["uri"] = f"s3://{bucket}/data"
     config["model"]["checkpoint"] = f"s3://{bucket}/model"
@@ -289,7 +300,10 @@ def test_an_inference_actor_killed_mid_run_and_late_loses_and_doubles_nothing(tm
     assert len(killed) == 2 and all(len(victims) == 1 for victims in killed), killed  # each kill, the one actor ...
     restarts = {actor: count for actor, count in predictor_restarts().items() if actor not in before}
     assert sum(restarts.values()) == 2, restarts  # ... which Ray restarted each time
-    images = {f"shard{i // 4:02d}.tar/{name}": data for i, (name, data) in enumerate(sorted(images_of(str(tmp_path / "data")).items()))}
+    images = {
+        f"shard{i // 4:02d}.tar/{name}": data
+        for i, (name, data) in enumerate(sorted(images_of(str(tmp_path / "data")).items()))
+    }
     check_labels(str(tmp_path / "out"), {}, tmp_path, images)  # ... and every key is there once, as a clean run
 
 

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from PIL import Image
+from test_read import tar_bytes
 
 from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_pairs
 from pipeline.storage.retry import Retry
-from test_read import tar_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +60,14 @@ def test_pairs_of_a_1_gb_parquet_shard_are_streamed_in_flat_memory(tmp_path):
             writer.write_table(pa.table({"image": images, "mask": [b"\x01" * 64] * group_rows}, schema=schema))
     assert shard.stat().st_size > 1 << 30
 
-    child = subprocess.run([sys.executable, "-c", _STREAM_PAIRS, str(shard)], cwd=REPO, capture_output=True,
-                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.run(
+        [sys.executable, "-c", _STREAM_PAIRS, str(shard)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert child.returncode == 0, child.stderr
     read = json.loads(child.stdout)
     assert (read["pairs"], read["image_bytes"]) == (rows, rows * image_size)
@@ -100,8 +106,10 @@ class CuttingProxy:
         upstream = socket.create_connection(self.target)
         with self.lock:
             self.open |= {client, upstream}
-        pumps = [threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True),
-                 threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True)]
+        pumps = [
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True),
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True),
+        ]
         for pump in pumps:
             pump.start()
         for pump in pumps:
@@ -160,8 +168,9 @@ def put_shard(layout: str, fs: fsspec.AbstractFileSystem, folder: str, count: in
         name, data = "pairs.parquet", sink.getvalue().to_pybytes()
         keys = [f"{name}/{i}" for i in range(count)]
     else:
-        members = [member for i in range(count)
-                   for member in ((f"{i:04d}.jpg", images[i]), (f"{i:04d}.seg.png", masks[i]))]
+        members = [
+            member for i in range(count) for member in ((f"{i:04d}.jpg", images[i]), (f"{i:04d}.seg.png", masks[i]))
+        ]
         name, data = "pairs.tar", tar_bytes(members)
         keys = [f"{name}/{i:04d}.jpg" for i in range(count)]
     fs.pipe_file(f"{folder}/{name}", data)
@@ -178,9 +187,13 @@ def test_a_labelled_read_cut_off_mid_shard_gives_every_pair_once(s3_bucket, layo
     uri, images = put_shard(layout, fs, f"{bucket.removeprefix('s3://')}/data", count=200)
     host, port = options["client_kwargs"]["endpoint_url"].removeprefix("http://").split(":")
     proxy = CuttingProxy((host, int(port)))
-    reader = {**options, "client_kwargs": {"endpoint_url": proxy.endpoint}, "skip_instance_cache": True,
-              "default_block_size": 256 << 10,  # the shard is fetched in many ranges, so that one is cut
-              "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1}}
+    reader = {
+        **options,
+        "client_kwargs": {"endpoint_url": proxy.endpoint},
+        "skip_instance_cache": True,
+        "default_block_size": 256 << 10,  # the shard is fetched in many ranges, so that one is cut
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
+    }
     source = LabelledSource(uri, image_column="image", mask_column="mask", mask_field="seg.png")
     half = fs.size(uri) // 2
     try:

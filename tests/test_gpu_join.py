@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_job import TINY, encoded, job_config, make_assets, picture
+from test_node_failure import run_cluster_script
 
 from pipeline.config import ConfigError
 from pipeline.labelling import load_config
-from test_job import job_config, make_assets, TINY, encoded, picture
-from test_node_failure import run_cluster_script
-
 
 CLUSTER_SCRIPT = r"""
 import json, sys, threading, time, traceback
@@ -45,9 +44,10 @@ try:
     result["no_gpu_within_1_s"] = settle(gpu_wait_s=1)
 except BaseException:
     result["no_gpu_within_1_s"] = traceback.format_exc()
-result["cpu_bfloat16_attention"] = resolve_compute(load_config({
-    **config, "model": {**config["model"], "dtype": "bfloat16", "attention": "auto"}, "compute": {**config["compute"], "gpu_wait_s": 0}}),
-    log=print).attention
+bfloat16 = {**config["model"], "dtype": "bfloat16", "attention": "auto"}
+no_wait = {**config["compute"], "gpu_wait_s": 0}
+cpu_bfloat16 = load_config({**config, "model": bfloat16, "compute": no_wait})
+result["cpu_bfloat16_attention"] = resolve_compute(cpu_bfloat16).attention
 
 def run():
     try:
@@ -124,8 +124,9 @@ def test_a_gpu_node_that_joins_after_the_start_gets_the_model(tmp_path):
     assert run["compute"]["gpus_per_actor"] == 1.0 and run["compute"]["dtype"] == "bfloat16"
     assert run["compute"]["reason"].startswith("a GPU node joined after")
     # ... the model actor asked Ray for the GPU and ran there ...
-    assert result["model_actors"] and all(actor == {"resources": {"CPU": 0.5, "GPU": 1.0}, "node": result["gpu_node"]}
-                                          for actor in result["model_actors"]), result["model_actors"]
+    assert result["model_actors"] and all(
+        actor == {"resources": {"CPU": 0.5, "GPU": 1.0}, "node": result["gpu_node"]} for actor in result["model_actors"]
+    ), result["model_actors"]
     # ... and `_job.json` says what the actor actually ran: bfloat16 on the CPU, since the node has no CUDA.
     assert run["ran"] == [{"device": "cpu", "dtype": "bfloat16", "attention": "sdpa", "images": 4}]
 
@@ -136,9 +137,13 @@ def test_a_gpu_node_that_joins_after_the_start_gets_the_model(tmp_path):
     assert "autoscaler" in scaled["reason"] and result["autoscaler_attention"] == "flex"
 
 
-@pytest.mark.parametrize("value, message", [
-    (-1, "compute.gpu_wait_s: expected a number >= 0"), ("long", "compute.gpu_wait_s: expected a number, got 'long'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (-1, "compute.gpu_wait_s: expected a number >= 0"),
+        ("long", "compute.gpu_wait_s: expected a number, got 'long'"),
+    ],
+)
 def test_gpu_wait_s_is_checked(tmp_path, value, message):
     config = job_config(tmp_path, str(tmp_path), str(tmp_path / "out"), {})
     config["compute"]["gpu_wait_s"] = value

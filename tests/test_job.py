@@ -29,14 +29,23 @@ from jobs.cli import main as cli
 from model import SegGpt, SegGptConfig, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
 from model.processing import decode_png, masks_to_class_ids, normalize, prepare_image, upsample_class_map
-from pipeline.results.export import export
 from pipeline.labelling.job import autolabel
-from pipeline.results.review import review
 from pipeline.prompts.sets import load_prompt_set, tuned_prompt_bytes
+from pipeline.results.export import export
+from pipeline.results.review import review
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=[64, 32], patch_size=8,
-            pretrain_image_size=32, decoder_hidden_size=8, merge_index=1, intermediate_hidden_state_indices=[1, 2])
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=[64, 32],
+    patch_size=8,
+    pretrain_image_size=32,
+    decoder_hidden_size=8,
+    merge_index=1,
+    intermediate_hidden_state_indices=[1, 2],
+)
 CLASSES = ["disc", "square"]
 SIZES = [(40, 30), (17, 53), (64, 64), (90, 20), (33, 33), (25, 70)]
 
@@ -79,13 +88,23 @@ def assets(tmp_path_factory) -> Path:
 def expected_map(assets: Path, data: bytes) -> np.ndarray:
     """The model package's own class map for one encoded image, at the image's size."""
     model = load_model(str(assets / "checkpoint"))
-    prompts = load_prompt_set(str(assets / "prompts"), classes=tuple(CLASSES), mask_format="labels",
-                              embedding="semantic", size=model.config.input_size)
+    prompts = load_prompt_set(
+        str(assets / "prompts"),
+        classes=tuple(CLASSES),
+        mask_format="labels",
+        embedding="semantic",
+        size=model.config.input_size,
+    )
     image = Image.open(io.BytesIO(data))
     k = len(prompts.names)
     pixels = normalize(torch.from_numpy(prepare_image(image, model.config.input_size))[None]).repeat(k, 1, 1, 1)
-    pred = model.predict(pixels, normalize(torch.from_numpy(prompts.images)), normalize(torch.from_numpy(prompts.masks)),
-                         num_prompts=k, embedding_type="semantic")
+    pred = model.predict(
+        pixels,
+        normalize(torch.from_numpy(prompts.images)),
+        normalize(torch.from_numpy(prompts.masks)),
+        num_prompts=k,
+        embedding_type="semantic",
+    )
     ids, _ = masks_to_class_ids(pred, torch.from_numpy(prompts.palette))
     return upsample_class_map(ids[0].numpy(), (image.height, image.width))
 
@@ -154,10 +173,14 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     summary = autolabel(config, log=lines.append, progress_every_s=0)
 
     assert (summary.ok, summary.error) == (len(keys), 0)
-    assert lines[0] == f"planned: {len(keys) if kind == 'images' else 2} input files, 0 images done before, " \
+    assert (
+        lines[0] == f"planned: {len(keys) if kind == 'images' else 2} input files, 0 images done before, "
         f"{len(keys) if kind == 'images' else 2} files or shards to read"
-    assert lines[1] == ("compute: no GPU (CPU model actors), float32, sdpa attention: the cluster has no GPUs, its "
-                        "autoscaler reports no GPU node types, and none joined within compute.gpu_wait_s (0 s)")
+    )
+    assert lines[1] == (
+        "compute: no GPU (CPU model actors), float32, sdpa attention: the cluster has no GPUs, its "
+        "autoscaler reports no GPU node types, and none joined within compute.gpu_wait_s (0 s)"
+    )
     assert lines[2:] and all(line.startswith("progress: labelled") for line in lines[2:])  # plain lines off a terminal
     table = read_labels(f"{bucket}/out", storage_options)
     assert sorted(table["key"].to_pylist()) == sorted(keys)
@@ -301,8 +324,9 @@ def test_resume_after_killed_driver(tmp_path, ray_session):
     command = [sys.executable, "-m", "jobs.cli", "run", str(config_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
 
-    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not list((output / "labels").glob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -324,8 +348,9 @@ def test_resume_after_killed_driver(tmp_path, ray_session):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}  # not the test session's Ray
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_daily_rerun_labels_exactly_the_new_images_and_touches_nothing_else(assets, tmp_path, ray_session):
@@ -338,9 +363,13 @@ def test_a_daily_rerun_labels_exactly_the_new_images_and_touches_nothing_else(as
     first = autolabel(config, log=lambda line: None)
     assert (first.ok, first.added) == (12, 12)
     out = tmp_path / "out"
-    written = {path: (path.read_bytes(), path.stat().st_mtime_ns)
-               for path in [*out.glob("labels/*.parquet"), *out.glob("masks/**/*.png")]}
-    assert sum(path.suffix == ".parquet" for path in written) >= 3 and sum(path.suffix == ".png" for path in written) == 12
+    written = {
+        path: (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in [*out.glob("labels/*.parquet"), *out.glob("masks/**/*.png")]
+    }
+    assert (
+        sum(path.suffix == ".parquet" for path in written) >= 3 and sum(path.suffix == ".png" for path in written) == 12
+    )
 
     new = {f"day2-{i:02d}.jpg": encoded(picture(100 + i, (30, 20 + i))) for i in range(10)}
     for name, payload in new.items():
@@ -392,18 +421,27 @@ def test_refusals_name_the_problem_before_any_ray_work(assets, tmp_path):
     (mismatched / "config.json").write_text(json.dumps({**TINY, "hidden_size": 64}))
     cases["checkpoint"] = ({**good, "model": {"checkpoint": str(mismatched)}}, "mis-shaped")
     size = SegGptConfig(**TINY).input_size
-    for name, shape, classes in (("small.safetensors", (3, size[0] // 2, size[1]), CLASSES),
-                                 ("other-classes.safetensors", (3, *size), ["disc", "star"])):
-        (tmp_path / name).write_bytes(tuned_prompt_bytes(torch.zeros(shape), torch.zeros(shape), classes=classes,
-                                                         embedding="semantic"))
+    for name, shape, classes in (
+        ("small.safetensors", (3, size[0] // 2, size[1]), CLASSES),
+        ("other-classes.safetensors", (3, *size), ["disc", "star"]),
+    ):
+        (tmp_path / name).write_bytes(
+            tuned_prompt_bytes(torch.zeros(shape), torch.zeros(shape), classes=classes, embedding="semantic")
+        )
         cases[name] = ({**good, "prompts": {"uri": str(tmp_path / name), "classes": CLASSES}}, name)
     paths = []
     for name, (config, _) in cases.items():
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(yaml.safe_dump(config))
     # one fresh process runs the CLI on every case, and says whether Ray was ever started in it
-    child = subprocess.run([sys.executable, "-c", REFUSALS_CHILD, *map(str, paths)], cwd=REPO, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    child = subprocess.run(
+        [sys.executable, "-c", REFUSALS_CHILD, *map(str, paths)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"},
+    )
     results = json.loads(child.stdout.splitlines()[-1])
     for (name, (_, expected)), result in zip(cases.items(), results):
         assert result["code"] == 2, (name, result)
@@ -428,8 +466,14 @@ def test_dry_run_counts_inputs(assets, tmp_path):
 
 def test_demo_command_of_the_readme(tmp_path):
     """`seggpt-autolabel demo`, run as the README says, from a folder that is not the checkout."""
-    result = subprocess.run(["seggpt-autolabel", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "RAY_ADDRESS": "local"})
+    result = subprocess.run(
+        ["seggpt-autolabel", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+    )
     assert result.returncode == 0, result.stderr
     output = tmp_path / "seggpt-demo-output"
     table = read_labels(str(output), {})
@@ -437,8 +481,12 @@ def test_demo_command_of_the_readme(tmp_path):
     assert (output / "_SUCCESS").exists() and len(list((output / "masks").glob("*.png"))) == 12
     assert "12 ok" in result.stdout and "masks/" in result.stdout
     overlays = sorted((output / "review" / "overlays").glob("*.jpg"))  # the review page the README points to
-    assert len(overlays) == 12 and Image.open(overlays[0]).size == Image.open(REPO / "jobs/demo/images/sample00.jpg").size
+    assert (
+        len(overlays) == 12 and Image.open(overlays[0]).size == Image.open(REPO / "jobs/demo/images/sample00.jpg").size
+    )
     page = (output / "review" / "index.html").read_text()
     assert all(f'src="overlays/{path.name}"' in page for path in overlays) and "review/index.html" in result.stdout
     mean_iou = float(result.stdout.split("demo: mean IoU ")[1].split()[0])  # against the sample's ground truth
-    assert mean_iou >= 0.5 and "images compared 12, missing 0, unusable truth 0" in result.stdout  # the trained model: 0.55
+    assert (
+        mean_iou >= 0.5 and "images compared 12, missing 0, unusable truth 0" in result.stdout
+    )  # the trained model: 0.55

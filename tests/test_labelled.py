@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
-from pipeline.storage.listing import InputError
-from pipeline.training.synthetic import random_task, render
-from pipeline.training.checkpoints import read_log
-from pipeline.training.train import train
 from test_read import tar_bytes
 from test_train import TINY
+
+from pipeline.storage.listing import InputError
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.training.checkpoints import read_log
+from pipeline.training.synthetic import random_task, render
+from pipeline.training.train import train
 
 SIZE = (32, 32)
 
@@ -65,8 +65,11 @@ def test_three_formats_and_a_bad_sample_among_good_ones(tmp_path, ray_session):
     shards.mkdir()
     members = []
     for i, (image, labels) in enumerate(data):
-        members += [(f"{i:04d}.jpg", encoded(image, "JPEG")), (f"{i:04d}.cls", b"1"),
-                    (f"{i:04d}.seg.png", encoded(labels, "PNG"))]
+        members += [
+            (f"{i:04d}.jpg", encoded(image, "JPEG")),
+            (f"{i:04d}.cls", b"1"),
+            (f"{i:04d}.seg.png", encoded(labels, "PNG")),
+        ]
     members[3] = ("0001.jpg", b"not a jpeg")
     (shards / "a.tar").write_bytes(tar_bytes(members))
     got = rows(LabelledSource(str(shards)))
@@ -74,8 +77,12 @@ def test_three_formats_and_a_bad_sample_among_good_ones(tmp_path, ray_session):
     assert got["a.tar/0001.jpg"]["error"].startswith("cannot decode")
     assert np.array_equal(got["a.tar/0004.jpg"]["labels"], resized(data[4][1]))
 
-    table = pa.table({"img": [encoded(image, "PNG") for image, _ in data],
-                      "seg": [{"bytes": encoded(labels, "PNG"), "path": None} for _, labels in data]})
+    table = pa.table(
+        {
+            "img": [encoded(image, "PNG") for image, _ in data],
+            "seg": [{"bytes": encoded(labels, "PNG"), "path": None} for _, labels in data],
+        }
+    )
     pq.write_table(table, tmp_path / "pairs.parquet")
     got = rows(LabelledSource(str(tmp_path / "pairs.parquet"), image_column="img", mask_column="seg"))
     assert sorted(got) == [f"pairs.parquet/{i}" for i in range(5)]
@@ -86,10 +93,14 @@ def test_bad_labelled_data_is_refused_before_any_ray_work(tmp_path):
     image, labels = samples(1)[0]
     cases = {
         "no pairs": ([("a.jpg", encoded(image, "JPEG"))], "'a' needs one image and one PNG mask"),
-        "mask size": ([("a.jpg", encoded(image, "JPEG")), ("a.png", encoded(labels[:10], "PNG"))],
-                      "a.jpg: mask is 48x10, its image 48x40"),
-        "label outside": ([("a.jpg", encoded(image, "JPEG")), ("a.png", encoded(labels * 100, "PNG"))],
-                          "a.jpg: label 200 is outside the classes 0..2"),
+        "mask size": (
+            [("a.jpg", encoded(image, "JPEG")), ("a.png", encoded(labels[:10], "PNG"))],
+            "a.jpg: mask is 48x10, its image 48x40",
+        ),
+        "label outside": (
+            [("a.jpg", encoded(image, "JPEG")), ("a.png", encoded(labels * 100, "PNG"))],
+            "a.jpg: label 200 is outside the classes 0..2",
+        ),
         "empty folder": ([("notes.txt", b"")], "no image, .tar or .parquet files"),
     }
     for name, (files, message) in cases.items():
@@ -100,8 +111,13 @@ def test_bad_labelled_data_is_refused_before_any_ray_work(tmp_path):
         with pytest.raises(InputError, match=message):
             labelled_pairs(LabelledSource(str(folder)), {}, num_classes=2)
         with pytest.raises(InputError, match=message):  # the training command refuses it before starting Ray
-            train({"model": {"config": TINY}, "data": {"uri": str(folder), "num_classes": 2},
-                   "output": {"uri": str(tmp_path / "out")}})
+            train(
+                {
+                    "model": {"config": TINY},
+                    "data": {"uri": str(folder), "num_classes": 2},
+                    "output": {"uri": str(tmp_path / "out")},
+                }
+            )
 
 
 def test_training_on_labelled_data_skips_and_counts_bad_samples(tmp_path, ray_session):
@@ -114,15 +130,26 @@ def test_training_on_labelled_data_skips_and_counts_bad_samples(tmp_path, ray_se
         (folder / f"{i}.png").write_bytes(encoded(labels, "PNG"))
     every_cpu = ray_session.available_resources()["CPU"]
     result: dict = {}
-    run = threading.Thread(target=lambda: result.update(summary=train(
-        {"model": {"config": TINY}, "data": {"uri": str(folder), "num_classes": 2},
-         "train": {"steps": 3, "batch_size": 2, "log_every": 1, "warmup_steps": 1},
-         "output": {"uri": str(tmp_path / "out")}, "compute": {"cpus_per_worker": every_cpu}}, log=lambda line: None)),
-        daemon=True)
+    run = threading.Thread(
+        target=lambda: result.update(
+            summary=train(
+                {
+                    "model": {"config": TINY},
+                    "data": {"uri": str(folder), "num_classes": 2},
+                    "train": {"steps": 3, "batch_size": 2, "log_every": 1, "warmup_steps": 1},
+                    "output": {"uri": str(tmp_path / "out")},
+                    "compute": {"cpus_per_worker": every_cpu},
+                },
+                log=lambda line: None,
+            )
+        ),
+        daemon=True,
+    )
     run.start()
     run.join(timeout=240)
-    assert not run.is_alive(), (f"training hangs (its worker took {every_cpu} CPUs); now free: "
-                                f"{ray_session.available_resources()}")
+    assert not run.is_alive(), (
+        f"training hangs (its worker took {every_cpu} CPUs); now free: {ray_session.available_resources()}"
+    )
     summary = result["summary"]
     log = read_log(str(tmp_path / "out"), {})
     assert [record["step"] for record in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)

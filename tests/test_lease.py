@@ -89,7 +89,6 @@ def test_stale_leases_are_taken_over(output):
         OutputLease(fs, root, "out", retry=Retry(1)).__enter__()
 
 
-
 def test_a_reader_never_sees_a_lease_half_written(tmp_path):
     """Another run reads the lease while its holder renews it: a half-written lease would read as expired.
 
@@ -117,8 +116,10 @@ class Outage:
                 if outage.cut.is_set():
                     return  # connection closed at once: the store is unreachable
                 upstream = socket.create_connection(target)
-                pumps = [threading.Thread(target=_pump, args=pair, daemon=True)
-                         for pair in ((self.request, upstream), (upstream, self.request))]
+                pumps = [
+                    threading.Thread(target=_pump, args=pair, daemon=True)
+                    for pair in ((self.request, upstream), (upstream, self.request))
+                ]
                 for pump in pumps:
                     pump.start()
                 for pump in pumps:
@@ -156,9 +157,12 @@ def outage(s3_bucket):
     endpoint = options["client_kwargs"]["endpoint_url"]
     host, port = endpoint.removeprefix("http://").split(":")
     proxy = Outage((host, int(port)))
-    holder = {**options, "client_kwargs": {"endpoint_url": proxy.endpoint},
-              "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
-              "skip_instance_cache": True}
+    holder = {
+        **options,
+        "client_kwargs": {"endpoint_url": proxy.endpoint},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
+        "skip_instance_cache": True,
+    }
     yield bucket.removeprefix("s3://"), holder, options, proxy
     proxy.close()
 
@@ -235,8 +239,9 @@ def test_a_run_that_ends_in_a_refusal_or_a_storage_failure_releases_its_lease(ou
 
 
 def stale_lease(run: str) -> bytes:
-    return json.dumps({"host": "elsewhere", "pid": 1, "run": run, "started_at": "2026-01-01",
-                       "expires_at": time.time() - 1}).encode()
+    return json.dumps(
+        {"host": "elsewhere", "pid": 1, "run": run, "started_at": "2026-01-01", "expires_at": time.time() - 1}
+    ).encode()
 
 
 def contend(protocol: str, options: dict, root: str, rounds: int, stagger_s: float, barrier, results) -> None:

@@ -40,7 +40,8 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_a_ray_data_actor_keeps_freed_memory_only_with_the_environment(ray_session):
     """A Ray Data actor runs its batches on a thread of its own, where `keep_freed_memory` (called in the
     constructor, as the inference actor once did) does not hold: every large block is mapped afresh. Started with
-    `KEEP_FREED_MEMORY_ENV`, as `pipeline.labelling.job` starts the inference actor, the same thread reuses freed blocks."""
+    `KEEP_FREED_MEMORY_ENV`, as `pipeline.labelling.job` starts the inference actor, the same thread reuses freed
+    blocks."""
     import ray
 
     from model.memory import KEEP_FREED_MEMORY_ENV
@@ -73,15 +74,28 @@ def test_a_ray_data_actor_keeps_freed_memory_only_with_the_environment(ray_sessi
             batch["main_thread"] = np.array([threading.current_thread() is threading.main_thread()])
             return batch
 
-    # Both actors in one dataset: the first as the inference actor once was, the second as `pipeline.labelling.job` starts it.
-    rows = ray.data.range(1).map_batches(
-        Rounds, fn_constructor_args=(True,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=1, num_cpus=0.5
-    ).map_batches(
-        lambda batch: {"called": batch["faults"], "called_main_thread": batch["main_thread"]}, batch_size=1, num_cpus=0
-    ).map_batches(
-        Rounds, fn_constructor_args=(False,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=1, num_cpus=0.5,
-        runtime_env={"env_vars": KEEP_FREED_MEMORY_ENV},
-    ).take_all()
+    # Both actors in one dataset: the first as the inference actor once was, the second as `pipeline.labelling.job`
+    # starts it.
+    rows = (
+        ray.data.range(1)
+        .map_batches(
+            Rounds, fn_constructor_args=(True,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=1, num_cpus=0.5
+        )
+        .map_batches(
+            lambda batch: {"called": batch["faults"], "called_main_thread": batch["main_thread"]},
+            batch_size=1,
+            num_cpus=0,
+        )
+        .map_batches(
+            Rounds,
+            fn_constructor_args=(False,),
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=1,
+            num_cpus=0.5,
+            runtime_env={"env_vars": KEEP_FREED_MEMORY_ENV},
+        )
+        .take_all()
+    )
     (row,) = rows
     assert not row["called_main_thread"] and not row["main_thread"]
     assert all(faults >= PAGES * 0.9 for faults in row["called"])  # mapped afresh each time

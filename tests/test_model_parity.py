@@ -14,7 +14,6 @@ import functools
 
 import pytest
 import torch
-
 from reference_oracle import ensemble_oracle, make_inputs, make_reference, random_bool_masked_pos
 
 ATOL = 1e-4  # Acceptance 1: float32 pred_masks
@@ -31,7 +30,7 @@ def _build(seed: int, config: dict):
     return ref, ours
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair(name: str, seed: int = 0):
     return _build(seed, CONFIGS[name])
 
@@ -45,33 +44,74 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 # position-embedding interpolation (pretrain grid != grid, up and down) and none (pretrain grid == grid).
 CONFIGS = {
     "h32_d2_m0_p8_64x32": dict(
-        hidden_size=32, num_attention_heads=2, num_hidden_layers=2, image_size=[64, 32], patch_size=8,
-        merge_index=0, intermediate_hidden_state_indices=[0, 1], pretrain_image_size=32,  # 4x4 -> 8x4
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        image_size=[64, 32],
+        patch_size=8,
+        merge_index=0,
+        intermediate_hidden_state_indices=[0, 1],
+        pretrain_image_size=32,  # 4x4 -> 8x4
         decoder_hidden_size=16,
     ),
     "h48_d4_m1_p16_96x64": dict(
-        hidden_size=48, num_attention_heads=4, num_hidden_layers=4, image_size=[96, 64], patch_size=16,
-        merge_index=1, intermediate_hidden_state_indices=[1, 3], pretrain_image_size=48,  # 3x3 -> 6x4
-        decoder_hidden_size=8, layer_norm_eps=1e-5, beta=0.5,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        image_size=[96, 64],
+        patch_size=16,
+        merge_index=1,
+        intermediate_hidden_state_indices=[1, 3],
+        pretrain_image_size=48,  # 3x3 -> 6x4
+        decoder_hidden_size=8,
+        layer_norm_eps=1e-5,
+        beta=0.5,
     ),
     "h64_d6_m3_p16_128x32_norel": dict(
-        hidden_size=64, num_attention_heads=4, num_hidden_layers=6, image_size=[128, 32], patch_size=16,
-        merge_index=3, intermediate_hidden_state_indices=[3, 4, 5], pretrain_image_size=64,  # 4x4 -> 8x2
-        use_relative_position_embeddings=False, decoder_hidden_size=8,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=6,
+        image_size=[128, 32],
+        patch_size=16,
+        merge_index=3,
+        intermediate_hidden_state_indices=[3, 4, 5],
+        pretrain_image_size=64,  # 4x4 -> 8x2
+        use_relative_position_embeddings=False,
+        decoder_hidden_size=8,
     ),
     "h32_d6_m2_p16_64x64_nointerp": dict(
-        hidden_size=32, num_attention_heads=4, num_hidden_layers=6, image_size=[64, 64], patch_size=16,
-        merge_index=2, intermediate_hidden_state_indices=[2, 3, 4, 5], pretrain_image_size=64,  # 4x4 == 4x4
-        qkv_bias=False, mlp_dim=40, decoder_hidden_size=8,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=6,
+        image_size=[64, 64],
+        patch_size=16,
+        merge_index=2,
+        intermediate_hidden_state_indices=[2, 3, 4, 5],
+        pretrain_image_size=64,  # 4x4 == 4x4
+        qkv_bias=False,
+        mlp_dim=40,
+        decoder_hidden_size=8,
     ),
     "h48_d3_m0_p8_96x64_pre224": dict(
-        hidden_size=48, num_attention_heads=2, num_hidden_layers=3, image_size=[96, 64], patch_size=8,
-        merge_index=0, intermediate_hidden_state_indices=[2], pretrain_image_size=224,  # 28x28 -> 12x8
+        hidden_size=48,
+        num_attention_heads=2,
+        num_hidden_layers=3,
+        image_size=[96, 64],
+        patch_size=8,
+        merge_index=0,
+        intermediate_hidden_state_indices=[2],
+        pretrain_image_size=224,  # 28x28 -> 12x8
         decoder_hidden_size=8,
     ),
     "h32_d5_m3_p8_64x32": dict(
-        hidden_size=32, num_attention_heads=4, num_hidden_layers=5, image_size=[64, 32], patch_size=8,
-        merge_index=3, intermediate_hidden_state_indices=[3, 4], pretrain_image_size=16,  # 2x2 -> 8x4
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        image_size=[64, 32],
+        patch_size=8,
+        merge_index=3,
+        intermediate_hidden_state_indices=[3, 4],
+        pretrain_image_size=16,  # 2x2 -> 8x4
         decoder_hidden_size=8,
     ),
 }
@@ -141,7 +181,9 @@ def test_weights_all_matter():
         assert _maxdiff(a, b) > 1e-2
         ref2, _ = _build(0, CONFIGS["h48_d4_m1_p16_96x64"])
         rel = ref2.model.encoder.layers[-1].attention.rel_pos_w
-        rel.add_(torch.randn(rel.shape, generator=torch.Generator().manual_seed(0)) * 0.5)  # not a constant shift: softmax ignores those
+        rel.add_(
+            torch.randn(rel.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+        )  # not a constant shift: softmax ignores those
         assert _maxdiff(ref2(**x).pred_masks, b) > 1e-3
 
 
@@ -171,8 +213,7 @@ def test_bad_arguments_raise_value_error():
 # Acceptance 1b: feature ensemble over groups of prompts (the authors' semantics)
 # --------------------------------------------------------------------------------------------------
 
-ENSEMBLE_CONFIGS = ["h32_d2_m0_p8_64x32", "h48_d4_m1_p16_96x64", "h32_d6_m2_p16_64x64_nointerp",
-                    "h32_d5_m3_p8_64x32"]
+ENSEMBLE_CONFIGS = ["h32_d2_m0_p8_64x32", "h48_d4_m1_p16_96x64", "h32_d6_m2_p16_64x64_nointerp", "h32_d5_m3_p8_64x32"]
 
 
 @pytest.mark.parametrize("num_prompts", [2, 3])
@@ -184,7 +225,9 @@ def test_one_image_several_prompts_matches_authors_oracle(name: str, num_prompts
         x = make_inputs(ref.config, num_images=1, num_prompts=num_prompts, seed=5)
         expected = ensemble_oracle(ref, **x, num_prompts=num_prompts, embedding_type=embedding_type)
         out = ours(**x, num_prompts=num_prompts, embedding_type=embedding_type).pred_masks
-        assert _maxdiff(out, expected) <= ATOL, f"{name} K={num_prompts} {embedding_type}: {_maxdiff(out, expected):.3g}"
+        assert _maxdiff(out, expected) <= ATOL, (
+            f"{name} K={num_prompts} {embedding_type}: {_maxdiff(out, expected):.3g}"
+        )
         half = x["pixel_values"].shape[2]
         pred = ours.predict(**x, num_prompts=num_prompts, embedding_type=embedding_type)
         assert pred.shape == (1, 3, half, x["pixel_values"].shape[3])

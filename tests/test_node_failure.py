@@ -77,8 +77,15 @@ def run_cluster_script(tmp_path: Path, script_text: str, config: dict) -> tuple[
     script.write_text(script_text)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    process = subprocess.Popen([sys.executable, str(script), str(config_path), str(result_path)], cwd=REPO, env=env,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(config_path), str(result_path)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         log, _ = process.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -112,5 +119,10 @@ def test_worker_node_dies_mid_run(tmp_path):
     assert sorted(keys) == [f"{i:03d}.jpg" for i in range(count)]  # every key, each exactly once
     assert set(table["status"].to_pylist()) == {"ok"}
     assert (output / "_SUCCESS").exists()
-    assert json.loads((output / "_job.json").read_text())["counts"] == {"ok": count, "error": 0, "skipped": 0, "added": count}
+    assert json.loads((output / "_job.json").read_text())["counts"] == {
+        "ok": count,
+        "error": 0,
+        "skipped": 0,
+        "added": count,
+    }
     assert len(list((output / "masks").glob("*.png"))) == count

@@ -21,17 +21,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import ExifTags, Image
+from test_job import CLASSES, TINY, encoded, job_config, make_assets, picture, read_labels
 
 from model import SegGpt, load_model
-from model.processing import (build_palette, decode_png, masks_to_class_ids, normalize, prepare_image, prepare_mask,
-                              upsample_class_map)
+from model.processing import (
+    build_palette,
+    decode_png,
+    masks_to_class_ids,
+    normalize,
+    prepare_image,
+    prepare_mask,
+    upsample_class_map,
+)
 from model.seggpt import Attention
 from pipeline.labelling.infer import SegGptPredictor
 from pipeline.labelling.job import autolabel
-from pipeline.storage.output import OutputError
 from pipeline.prompts.sets import load_prompt_set
+from pipeline.storage.output import OutputError
 from pipeline.storage.retry import Retry
-from test_job import CLASSES, TINY, encoded, job_config, make_assets, picture, read_labels
 
 # build_palette(2) by the README's rule: base = int(2 ** (1/3)) + 1 = 2, margin 256 // 2 = 128; class i >= 1 is
 # 255 - 128 * (digits of i - 1 in base 2): class 1 -> (0, 0, 0) -> white, class 2 -> (0, 0, 1) -> (255, 255, 127).
@@ -85,7 +92,7 @@ def run_job(assets: Path, input_uri: str, destination: Path, **options: dict) ->
     return rows_by_key(destination)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_of(checkpoint: str, dtype: str) -> SegGpt:
     return load_model(checkpoint, dtype=dtype)
 
@@ -96,14 +103,22 @@ def prompt_tensors(prompts: Path, size: tuple[int, int], mask_format: str = "lab
     for name in ("p0", "p1"):
         images.append(prepare_image(Image.open(prompts / f"{name}.jpg"), size))
         num_labels = len(CLASSES) if mask_format == "labels" else None
-        masks.append(prepare_mask(Image.open(prompts / f"{name}.png"), size, mask_format=mask_format,
-                                  num_labels=num_labels))
+        masks.append(
+            prepare_mask(Image.open(prompts / f"{name}.png"), size, mask_format=mask_format, num_labels=num_labels)
+        )
     return np.stack(images), np.stack(masks)
 
 
 @torch.inference_mode()
-def model_map(assets: Path, image: Image.Image, *, embedding: str = "semantic", dtype: str = "float32",
-              prompts: tuple[np.ndarray, np.ndarray] | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+def model_map(
+    assets: Path,
+    image: Image.Image,
+    *,
+    embedding: str = "semantic",
+    dtype: str = "float32",
+    prompts: tuple[np.ndarray, np.ndarray] | None = None,
+    shape: tuple[int, int] | None = None,
+) -> np.ndarray:
     """The model package's class map for one PIL image taken as it is (no EXIF handling), at its size (or at
     `shape`, (height, width))."""
     model = model_of(str(assets / "checkpoint"), dtype)
@@ -147,8 +162,11 @@ def test_baseline_is_what_the_model_gives(assets, dataset, baseline):
     assert (rows[ROTATED]["width"], rows[ROTATED]["height"]) == (24, 40)
     assert np.array_equal(build_palette(len(CLASSES)), PALETTE)
     job = json.loads((output / "_job.json").read_text())  # what `auto` settled on, and what the actors ran
-    assert {key: job["compute"][key] for key in ("gpus_per_actor", "dtype", "attention")} == \
-        {"gpus_per_actor": 0.0, "dtype": "float32", "attention": "sdpa"}
+    assert {key: job["compute"][key] for key in ("gpus_per_actor", "dtype", "attention")} == {
+        "gpus_per_actor": 0.0,
+        "dtype": "float32",
+        "attention": "sdpa",
+    }
     assert job["compute"]["reason"].startswith("the cluster has no GPUs")
     assert job["settings"] == {"dtype": "float32", "attention": "sdpa", "exif_transpose": True, "jpeg_draft": False}
     assert job["ran"] == [{"device": "cpu", "dtype": "float32", "attention": "sdpa", "images": COUNT}]
@@ -163,8 +181,15 @@ def test_instance_embedding_exif_off_and_bfloat16(assets, dataset, baseline, tmp
     It resumes a copy of the baseline's output with `output.on_mismatch: relabel`: every row is made again."""
     output = tmp_path / "out"
     shutil.copytree(baseline[0], output)
-    rows = run_job(assets, str(dataset[0]), output, prompts={"embedding": "instance"}, input={"exif_transpose": False},
-                   model={"dtype": "bfloat16"}, output={"on_mismatch": "relabel"})
+    rows = run_job(
+        assets,
+        str(dataset[0]),
+        output,
+        prompts={"embedding": "instance"},
+        input={"exif_transpose": False},
+        model={"dtype": "bfloat16"},
+        output={"on_mismatch": "relabel"},
+    )
     assert sorted(rows) == sorted(dataset[1])
     differ = {"semantic": 0, "float32": 0}
     for key, data in dataset[1].items():
@@ -199,10 +224,12 @@ def test_a_resume_under_other_settings_refuses(assets, dataset, baseline, tmp_pa
     shutil.copytree(baseline[0], output)
     config = job_config(assets, str(dataset[0]), str(output), {})
     before = tree_digest(output)
-    for section, key, value, text in (("model", "dtype", "bfloat16", "dtype=bfloat16"),
-                                      ("model", "attention", "flex", "attention=flex"),
-                                      ("input", "exif_transpose", False, "exif_transpose=false"),
-                                      ("input", "jpeg_draft", True, "jpeg_draft=true")):
+    for section, key, value, text in (
+        ("model", "dtype", "bfloat16", "dtype=bfloat16"),
+        ("model", "attention", "flex", "attention=flex"),
+        ("input", "exif_transpose", False, "exif_transpose=false"),
+        ("input", "jpeg_draft", True, "jpeg_draft=true"),
+    ):
         changed = {**config, section: {**config[section], key: value}}
         with pytest.raises(OutputError) as refused:
             autolabel(changed, log=lambda line: None)
@@ -220,18 +247,23 @@ def test_a_resume_under_other_settings_refuses(assets, dataset, baseline, tmp_pa
         table = pq.read_table(path)
         old = pa.array([job["checkpoint_fingerprint"]] * table.num_rows, pa.string())
         pq.write_table(table.set_column(table.schema.get_field_index("model"), "model", old), path)
-    with pytest.raises(OutputError, match=f"model {job['checkpoint_fingerprint']} with prompt set .*labelled before "
-                                          "the settings were part of the model fingerprint"):
+    with pytest.raises(
+        OutputError,
+        match=f"model {job['checkpoint_fingerprint']} with prompt set .*labelled before "
+        "the settings were part of the model fingerprint",
+    ):
         autolabel(config, log=lambda line: None)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
-def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path,
-                                                                     ray_session):
+def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dataset, baseline, tmp_path, ray_session):
     """Three options in one run, each with its own check:
     - `prompts.mask_format: rgb`: palette-coloured prompt masks give exactly the masks of the label-map set;
     - `output.png: false`: no masks/ folder and no mask_uri, but every row still carries its mask;
@@ -248,8 +280,14 @@ def test_rgb_prompt_masks_no_png_files_and_an_autoscaling_actor_pool(assets, dat
     assert np.array_equal(rgb_tensors[1], label_tensors[1])  # painting and nearest resizing commute
 
     output = tmp_path / "out"
-    rows = run_job(assets, str(dataset[0]), output, prompts={"uri": str(prompts), "mask_format": "rgb"},
-                   output={"png": False}, compute={"actors": [1, 2], "batch_size": 2})
+    rows = run_job(
+        assets,
+        str(dataset[0]),
+        output,
+        prompts={"uri": str(prompts), "mask_format": "rgb"},
+        output={"png": False},
+        compute={"actors": [1, 2], "batch_size": 2},
+    )
     assert sorted(rows) == sorted(dataset[1])  # rows_by_key checked that no key is there twice
     assert not (output / "masks").exists() and (output / "_SUCCESS").exists()
     assert (baseline[0] / "masks").is_dir()  # the default writes them
@@ -274,8 +312,13 @@ def test_custom_image_column_on_parquet(assets, tmp_path, ray_session):
     structs = pa.array([{"bytes": image, "path": "same.jpg"} for image in images[3:]])
     pq.write_table(pa.table({"id": [3, 4], "img": structs}), data / "b.parquet")
     pq.write_table(pa.table({"image": pa.array([encoded(picture(9, (20, 20)))], pa.binary())}), data / "c.parquet")
-    keys = {"a.parquet/0": images[0], "a.parquet/1": images[1], "a.parquet/2": images[2],
-            "b.parquet/0": images[3], "b.parquet/1": images[4]}
+    keys = {
+        "a.parquet/0": images[0],
+        "a.parquet/1": images[1],
+        "a.parquet/2": images[2],
+        "b.parquet/0": images[3],
+        "b.parquet/1": images[4],
+    }
 
     rows = run_job(assets, str(data), tmp_path / "out", input={"image_column": "img"})
 
@@ -311,10 +354,12 @@ def test_jpeg_draft_and_fractional_cpu_tasks(assets, tmp_path, ray_session):
 
 
 def test_the_attention_option_reaches_the_inference_actor(assets, ray_session):
-    prompts = load_prompt_set(str(assets / "prompts"), classes=tuple(CLASSES), mask_format="labels",
-                              embedding="semantic", size=(64, 32))
+    prompts = load_prompt_set(
+        str(assets / "prompts"), classes=tuple(CLASSES), mask_format="labels", embedding="semantic", size=(64, 32)
+    )
     for option, backend in (("flex", "flex"), ("sdpa", "sdpa"), ("auto", "sdpa")):  # auto on the CPU: sdpa
-        predictor = SegGptPredictor(str(assets / "checkpoint"), prompts, dtype="float32", attention=option,
-                                    storage_options={}, retry=Retry(1))
+        predictor = SegGptPredictor(
+            str(assets / "checkpoint"), prompts, dtype="float32", attention=option, storage_options={}, retry=Retry(1)
+        )
         backends = {module.backend for module in predictor.model.modules() if isinstance(module, Attention)}
         assert backends == {backend}, option

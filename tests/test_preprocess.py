@@ -190,8 +190,9 @@ def test_jpeg_draft_decodes_at_a_reduced_scale_and_keeps_the_full_size():
     stored = _run([("r.jpg", data, None)], jpeg_draft=True, exif_transpose=False)
     assert (stored["width"][0], stored["height"][0]) == (200, 120)
     png = _encode(_photo(200, 120), "PNG")  # not a JPEG: decoded in full as always
-    np.testing.assert_array_equal(_run([("p.png", png, None)], jpeg_draft=True)["pixels"][0],
-                                  _run([("p.png", png, None)])["pixels"][0])
+    np.testing.assert_array_equal(
+        _run([("p.png", png, None)], jpeg_draft=True)["pixels"][0], _run([("p.png", png, None)])["pixels"][0]
+    )
 
 
 # ----------------------------------------------------------------------------- bad rows
@@ -252,8 +253,14 @@ print(out["status"][0], peak_kib() - before, out["error"][0], sep="\\n")
 
 
 def test_decompression_bombs_are_refused_before_decoding_in_bounded_memory():
-    child = subprocess.run([sys.executable, "-c", BOMB_CHILD], cwd=REPO, capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.run(
+        [sys.executable, "-c", BOMB_CHILD],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     status, grown_kib, message = child.stdout.strip().split("\n")
     assert status == "error", child.stderr
     assert message == "image too large: 12000x12000 = 144000000 pixels, over input.max_pixels (100000000)"
@@ -261,8 +268,9 @@ def test_decompression_bombs_are_refused_before_decoding_in_bounded_memory():
 
     declared = _grey_png(40000, 40000, rows=1)  # 1.6 G pixels declared, one row of data: Pillow refuses it itself
     small, large = _encode(_photo(30, 30, 7), "PNG"), _encode(_photo(40, 40, 7), "PNG")
-    out = _run([("declared.png", declared, None), ("small.png", small, None), ("large.png", large, None)],
-               max_pixels=1000)  # 900 pixels pass, 1600 do not
+    out = _run(
+        [("declared.png", declared, None), ("small.png", small, None), ("large.png", large, None)], max_pixels=1000
+    )  # 900 pixels pass, 1600 do not
     assert list(out["status"]) == ["error", "ok", "error"]
     assert out["error"][0].startswith("image too large: Image size (1600000000 pixels) exceeds limit")
     assert out["error"][2] == "image too large: 40x40 = 1600 pixels, over input.max_pixels (1000)"

@@ -166,9 +166,7 @@ def test_normalize_dtype():
 
 # ----------------------------------------------------------------------------- postprocessing parity
 
-TARGET_SIZES = [
-    (448, 448), (1, 1), (3, 2000), (2000, 3), (449, 447), (97, 1333), (896, 896), (224, 300), (17, 5)
-]
+TARGET_SIZES = [(448, 448), (1, 1), (3, 2000), (2000, 3), (449, 447), (97, 1333), (896, 896), (224, 300), (17, 5)]
 
 
 def to_normalized(colours: torch.Tensor) -> torch.Tensor:
@@ -235,14 +233,19 @@ def test_scores_of_a_hand_computed_case():
     """Confidence (r2 - r1) / (r2 + r1) per pixel, r1 and r2 the distances to the nearest and second-nearest
     colour; the image's score is their mean and each class's score the mean over its pixels."""
     palette = torch.tensor([[0.0, 0, 0], [255, 0, 0], [0, 255, 0]])  # background black, 1 red, 2 green
-    pixels = torch.tensor([[[255.0, 0, 0], [200, 0, 0], [0, 0, 0]],  # red: 1; 55 from red, 200 from black; black: 1
-                           [[0, 100, 0], [0, 200, 0], [0, 255, 0]]])  # 100 from black, 155 from green; 55 / 200; 1
+    pixels = torch.tensor(
+        [
+            [[255.0, 0, 0], [200, 0, 0], [0, 0, 0]],  # red: 1; 55 from red, 200 from black; black: 1
+            [[0, 100, 0], [0, 200, 0], [0, 255, 0]],
+        ]
+    )  # 100 from black, 155 from green; 55 / 200; 1
     ids, confidence = P.masks_to_class_ids(to_normalized(pixels.permute(0, 2, 1)[:, :, None, :]), palette)
     assert ids.tolist() == [[[1, 1, 0]], [[0, 2, 2]]]
     expected = torch.tensor([[[1.0, 145 / 255, 1.0]], [[55 / 255, 145 / 255, 1.0]]])
     torch.testing.assert_close(confidence, expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(confidence.mean(dim=(1, 2)), torch.tensor([(2 + 145 / 255) / 3, (200 / 255 + 1) / 3]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        confidence.mean(dim=(1, 2)), torch.tensor([(2 + 145 / 255) / 3, (200 / 255 + 1) / 3]), atol=1e-4, rtol=0
+    )
     nan = float("nan")
     scores = P.class_scores(ids, confidence, num_classes=3)
     expected_scores = torch.tensor([[1.0, (1 + 145 / 255) / 2, nan], [55 / 255, nan, (145 / 255 + 1) / 2]])
@@ -250,14 +253,26 @@ def test_scores_of_a_hand_computed_case():
 
 
 def test_postprocess_aligns_class_scores_with_class_ids():
-    class_map = np.array([[[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 0, 0], [0, 0, 0, 0]],
-                          [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 3]]], np.uint8)
+    class_map = np.array(
+        [
+            [[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 0, 0], [0, 0, 0, 0]],
+            [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 3]],
+        ],
+        np.uint8,
+    )
     scores = np.array([[0.9, np.nan, 0.25, np.nan], [np.nan, 0.5, np.nan, 0.125], [np.nan] * 4], np.float32)
-    batch = {"key": np.array(["a.jpg", "b.jpg", "c.jpg"]), "source": np.array(["s/a.jpg", "s/b.jpg", "s/c.jpg"]),
-             "status": np.array(["ok", "ok", "error"]), "error": np.array(["", "", "bad"]),
-             "width": np.array([8, 2, 0]), "height": np.array([8, 2, 0]), "shard_images": np.zeros(3, np.int64),
-             "class_map": np.concatenate([class_map, np.zeros((1, 4, 4), np.uint8)]),
-             "score": np.array([0.7, 0.45, np.nan], np.float32), "class_scores": scores}
+    batch = {
+        "key": np.array(["a.jpg", "b.jpg", "c.jpg"]),
+        "source": np.array(["s/a.jpg", "s/b.jpg", "s/c.jpg"]),
+        "status": np.array(["ok", "ok", "error"]),
+        "error": np.array(["", "", "bad"]),
+        "width": np.array([8, 2, 0]),
+        "height": np.array([8, 2, 0]),
+        "shard_images": np.zeros(3, np.int64),
+        "class_map": np.concatenate([class_map, np.zeros((1, 4, 4), np.uint8)]),
+        "score": np.array([0.7, 0.45, np.nan], np.float32),
+        "class_scores": scores,
+    }
     rows = postprocess(batch, palette=P.build_palette(3), model="m", prompt_set="p").to_pylist()
     assert [(row["class_ids"], row["class_scores"]) for row in rows] == [
         ([0, 2], [pytest.approx(0.9), 0.25]),
@@ -295,8 +310,16 @@ def test_upsample_keeps_dtype():
     np.testing.assert_array_equal(out, expected[0, 0].numpy().astype(np.int16))
 
 
-@pytest.mark.parametrize(("shape", "size"), [((5, 7), (11, 13)), ((448, 448), (1080, 1920)), ((448, 448), (300, 97)),
-                                             ((3, 4), (3, 4)), ((448, 448), (4000, 3000))])
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [
+        ((5, 7), (11, 13)),
+        ((448, 448), (1080, 1920)),
+        ((448, 448), (300, 97)),
+        ((3, 4), (3, 4)),
+        ((448, 448), (4000, 3000)),
+    ],
+)
 def test_upsampled_class_counts_are_those_of_the_upsampled_map(shape, size):
     class_map = rng(shape[0]).integers(0, 5, shape).astype(np.uint8)
     class_map[class_map == 3] = 0  # a class with no pixel counts 0

@@ -18,12 +18,18 @@ from safetensors.torch import load as load_safetensors
 
 from jobs.cli import main as cli
 from model import load_model
-from model.processing import (build_palette, decode_png, masks_to_class_ids, prepare_image, prepare_mask,
-                              upsample_class_map)
+from model.processing import (
+    build_palette,
+    decode_png,
+    masks_to_class_ids,
+    prepare_image,
+    prepare_mask,
+    upsample_class_map,
+)
 from pipeline.labelling.job import autolabel
-from pipeline.results.metrics import Evaluation
-from pipeline.prompts.sets import tuned_prompt_bytes
 from pipeline.prompts.select import default_val_fraction, keep_step
+from pipeline.prompts.sets import tuned_prompt_bytes
+from pipeline.results.metrics import Evaluation
 from pipeline.training.synthetic import random_task, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +60,7 @@ def pool(tmp_path_factory, s3_server) -> tuple[str, dict, Path]:
 def _validation_keys(local: Path) -> list[str]:
     """The held-out keys, computed here from the rule: the fraction of the keys (rounded) whose sha256 of "seed:key"
     is smallest."""
+
     def share(key: str) -> float:
         return int.from_bytes(hashlib.sha256(f"{SEED}:{key}".encode()).digest()[:8], "big") / 2**64
 
@@ -84,9 +91,33 @@ def _mean_iou(images: torch.Tensor, masks: torch.Tensor, local: Path, keys: list
 
 def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_best_single(pool, ray_session, capsys):
     uri, options, local = pool
-    assert cli(["select-prompts", uri, "--checkpoint", str(CHECKPOINT), "--k", "3", "--classes", ",".join(CLASSES),
-                "--val-fraction", str(VAL_FRACTION), "--candidates", "8", "--random-draws", "4",
-                "--seed", str(SEED), "--to", "s3://pool/selected", "--storage-options", json.dumps(options)]) == 0
+    assert (
+        cli(
+            [
+                "select-prompts",
+                uri,
+                "--checkpoint",
+                str(CHECKPOINT),
+                "--k",
+                "3",
+                "--classes",
+                ",".join(CLASSES),
+                "--val-fraction",
+                str(VAL_FRACTION),
+                "--candidates",
+                "8",
+                "--random-draws",
+                "4",
+                "--seed",
+                str(SEED),
+                "--to",
+                "s3://pool/selected",
+                "--storage-options",
+                json.dumps(options),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "step 3: + img" in printed and "best single: img" in printed and "random 3-sets (mean of 4)" in printed
     fs = s3fs.S3FileSystem(**options)
@@ -99,7 +130,9 @@ def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_bes
     assert f"kept step {kept}: the highest validation mean IoU, {max(scores_by_step):.3f}" in printed
     chosen = steps[kept - 1]["mean_iou"]
     assert chosen > report["random"]["mean_iou"] and chosen > report["best_single"]["mean_iou"]
-    assert len(report["random"]["draws_mean_iou"]) == 4 and report["counts"]["validation"] == len(_validation_keys(local))
+    assert len(report["random"]["draws_mean_iou"]) == 4 and report["counts"]["validation"] == len(
+        _validation_keys(local)
+    )
     # 16 validation images: too few to tell the candidates apart, and it says so
     assert report["warnings"] and "16 validation images" in report["warnings"][0] and "warning: 16" in printed
     # The random baseline per class is the mean over the draws of each draw's own class IoU, as its mean IoU is
@@ -114,9 +147,12 @@ def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_bes
     assert [name.split("-", 1)[1] + ".png" for name in names] == [step["key"] for step in steps[:kept]]
     assert sorted(fs.ls("pool/selected", detail=False)) == sorted(
         [f"pool/selected/{name}{suffix}" for name in names for suffix in (".png", ".mask.png")]
-        + ["pool/selected/report.json"])
-    images, labels = ([np.asarray(Image.open(io.BytesIO(fs.cat_file(f"pool/selected/{name}{suffix}"))))
-                       for name in names] for suffix in (".png", ".mask.png"))
+        + ["pool/selected/report.json"]
+    )
+    images, labels = (
+        [np.asarray(Image.open(io.BytesIO(fs.cat_file(f"pool/selected/{name}{suffix}")))) for name in names]
+        for suffix in (".png", ".mask.png")
+    )
     for name, image, label in zip(names, images, labels):  # the pool's own pixels
         key = name.split("-", 1)[1]
         assert np.array_equal(image, np.asarray(Image.open(local / f"{key}.png")))
@@ -126,17 +162,46 @@ def test_select_prompts_writes_its_best_step_which_beats_random_sets_and_the_bes
     assert _mean_iou(prompt_images, prompt_masks, local, _validation_keys(local)) == pytest.approx(chosen, abs=1e-9)
 
     # With --k 2 on this pool the second prompt lowers the score: the set written is step 1's alone, never step 2's.
-    assert cli(["select-prompts", uri, "--checkpoint", str(CHECKPOINT), "--k", "2", "--classes", ",".join(CLASSES),
-                "--val-fraction", str(VAL_FRACTION), "--candidates", "8", "--random-draws", "1",
-                "--seed", str(SEED), "--to", "s3://pool/selected2", "--storage-options", json.dumps(options)]) == 0
+    assert (
+        cli(
+            [
+                "select-prompts",
+                uri,
+                "--checkpoint",
+                str(CHECKPOINT),
+                "--k",
+                "2",
+                "--classes",
+                ",".join(CLASSES),
+                "--val-fraction",
+                str(VAL_FRACTION),
+                "--candidates",
+                "8",
+                "--random-draws",
+                "1",
+                "--seed",
+                str(SEED),
+                "--to",
+                "s3://pool/selected2",
+                "--storage-options",
+                json.dumps(options),
+            ]
+        )
+        == 0
+    )
     report = json.loads(fs.cat_file("pool/selected2/report.json"))
     first, second = (step["mean_iou"] for step in report["steps"])
-    assert second < first and report["kept"] == {"step": 1, "why": f"the highest validation mean IoU, {first:.3f}; "
-                                                                     "later steps scored lower"}
+    assert second < first and report["kept"] == {
+        "step": 1,
+        "why": f"the highest validation mean IoU, {first:.3f}; later steps scored lower",
+    }
     assert report["chosen"] == ["1-" + report["steps"][0]["key"].removesuffix(".png")]
     name = report["chosen"][0]
     assert sorted(fs.ls("pool/selected2", detail=False)) == [
-        f"pool/selected2/{name}.mask.png", f"pool/selected2/{name}.png", "pool/selected2/report.json"]
+        f"pool/selected2/{name}.mask.png",
+        f"pool/selected2/{name}.png",
+        "pool/selected2/report.json",
+    ]
 
 
 def _evaluation(per_image: list[list[int]]) -> Evaluation:
@@ -201,7 +266,8 @@ def test_tune_raises_training_miou_keeps_validation_and_resumes(pool, ray_sessio
     start = np.asarray(Image.open(local / "img019.png"))
     assert not torch.equal(tensors["image"], _normalised(start))  # it moved
     assert _mean_iou(tensors["image"][None], tensors["mask"][None], local, _validation_keys(local)) == pytest.approx(
-        validation["after"]["mean_iou"], abs=1e-9)
+        validation["after"]["mean_iou"], abs=1e-9
+    )
 
     # More steps: it resumes from step 10 and continues the log.
     assert cli(["tune", str(path), "--set", "train.steps=12", "--set", "train.log_every=1"]) == 0
@@ -226,18 +292,27 @@ def test_a_job_with_a_tuned_prompt_file_gives_the_model_packages_maps(tmp_path):
 
     def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         image = prepare_image(Image.open(demo / "prompts" / f"{name}.jpg"), size)
-        mask = prepare_mask(Image.open(demo / "prompts" / f"{name}.png"), size, mask_format="labels",
-                            num_labels=len(classes))
+        mask = prepare_mask(
+            Image.open(demo / "prompts" / f"{name}.png"), size, mask_format="labels", num_labels=len(classes)
+        )
         return _normalised(image), _normalised(mask)
 
     pair_image, pair_mask = pair("prompt0")
     tuned_image, tuned_mask = pair("prompt1")
     tuned_image += torch.from_numpy(np.random.default_rng(3).normal(0, 0.1, (3, *size)).astype(np.float32))
-    (prompts / "tuned.safetensors").write_bytes(tuned_prompt_bytes(tuned_image, tuned_mask, classes=classes,
-                                                                   embedding="semantic"))
-    summary = autolabel({"input": {"uri": str(demo / "images")}, "prompts": {"uri": str(prompts), "classes": classes},
-                         "model": {"checkpoint": str(CHECKPOINT)}, "output": {"uri": str(tmp_path / "out")},
-                         "compute": {"batch_size": 4}}, log=lambda line: None)
+    (prompts / "tuned.safetensors").write_bytes(
+        tuned_prompt_bytes(tuned_image, tuned_mask, classes=classes, embedding="semantic")
+    )
+    summary = autolabel(
+        {
+            "input": {"uri": str(demo / "images")},
+            "prompts": {"uri": str(prompts), "classes": classes},
+            "model": {"checkpoint": str(CHECKPOINT)},
+            "output": {"uri": str(tmp_path / "out")},
+            "compute": {"batch_size": 4},
+        },
+        log=lambda line: None,
+    )
     assert (summary.ok, summary.error) == (12, 0)
     info = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert info["prompt_kinds"] == {"prompt0": "pair", "tuned": "tuned"}

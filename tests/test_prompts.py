@@ -134,7 +134,9 @@ def test_prompt_set_on_s3(tmp_path, s3_bucket):
     pairs = [_prompt(tmp_path / "p", "a", "jpg", seed=13), _prompt(tmp_path / "p" / "sub", "b", "png", seed=14)]
     fs = s3fs.S3FileSystem(**storage_options)
     for file in (tmp_path / "p").rglob("*.*"):
-        fs.pipe(f"{bucket.removeprefix('s3://')}/prompts/{file.relative_to(tmp_path / 'p').as_posix()}", file.read_bytes())
+        fs.pipe(
+            f"{bucket.removeprefix('s3://')}/prompts/{file.relative_to(tmp_path / 'p').as_posix()}", file.read_bytes()
+        )
     manifest = [{"image": "a.jpg", "mask": "a.png"}]
     fs.pipe(f"{bucket.removeprefix('s3://')}/prompts/manifest.yaml", yaml.safe_dump(manifest).encode())
     fs.invalidate_cache()
@@ -468,8 +470,11 @@ def _tuned(path: Path, seed: int, size=SIZE, classes=CLASSES, embedding="semanti
     rng = np.random.default_rng(seed)
     image, mask = (rng.normal(0, 1, (3, *size)).astype(np.float32) for _ in range(2))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tuned_prompt_bytes(torch.from_numpy(image), torch.from_numpy(mask), classes=classes,
-                                        embedding=embedding, step=7))
+    path.write_bytes(
+        tuned_prompt_bytes(
+            torch.from_numpy(image), torch.from_numpy(mask), classes=classes, embedding=embedding, step=7
+        )
+    )
     return image, mask
 
 
@@ -503,13 +508,19 @@ def test_tuned_prompt_file_alone_in_a_folder_and_in_a_manifest(tmp_path):
     assert _load(manifest).fingerprint != listed.fingerprint  # the file's bytes count
 
 
-@pytest.mark.parametrize("case, message", [
-    ("size", r"bad\.safetensors: image is 3x12x8, the model takes 3x24x16"),
-    ("classes", r"bad\.safetensors: tuned for classes \['cat', 'dog'\], prompts.classes is \['cat', 'dog', 'car'\]"),
-    ("embedding", r"bad\.safetensors: tuned with embedding 'instance', prompts.embedding is 'semantic'"),
-    ("garbage", r"bad\.safetensors: not a tuned prompt file"),
-    ("model weights", r"bad\.safetensors: not a tuned prompt file: expected tensors 'image' and 'mask'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("size", r"bad\.safetensors: image is 3x12x8, the model takes 3x24x16"),
+        (
+            "classes",
+            r"bad\.safetensors: tuned for classes \['cat', 'dog'\], prompts.classes is \['cat', 'dog', 'car'\]",
+        ),
+        ("embedding", r"bad\.safetensors: tuned with embedding 'instance', prompts.embedding is 'semantic'"),
+        ("garbage", r"bad\.safetensors: not a tuned prompt file"),
+        ("model weights", r"bad\.safetensors: not a tuned prompt file: expected tensors 'image' and 'mask'"),
+    ],
+)
 def test_bad_tuned_prompt_files_are_refused_naming_the_file(tmp_path, case, message):
     path = tmp_path / "prompts" / "bad.safetensors"
     _prompt(tmp_path / "prompts", "good", seed=5)

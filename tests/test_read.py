@@ -229,22 +229,47 @@ def test_shard_rows_carry_the_shard_image_count(store, ray_session):
 
     rows = rows_by_key(read_all(config, store.options, {"a.tar/0004.png"}))  # the last member done before
     counts = {key: row["shard_images"] for key, row in rows.items()}
-    assert counts == {"a.tar/0000.png": 0, "a.tar/0001.png": 0, "a.tar/0002.png": 0, "a.tar/0003.png": 5,
-                      "b.parquet/0": 3, "b.parquet/1": 3, "b.parquet/2": 3}
+    assert counts == {
+        "a.tar/0000.png": 0,
+        "a.tar/0001.png": 0,
+        "a.tar/0002.png": 0,
+        "a.tar/0003.png": 5,
+        "b.parquet/0": 3,
+        "b.parquet/1": 3,
+        "b.parquet/2": 3,
+    }
 
 
 def test_pending_inputs_drop_finished_shards_and_done_files():
     listing = pa.table(
         {
             "key": ["a.jpg", "b.jpg", "dir.tar/x/0.jpg", "s.tar", "t.parquet", "u.tar"],
-            "source": ["file:///d/a.jpg", "file:///d/b.jpg", "file:///d/dir.tar/x/0.jpg", "file:///d/s.tar",
-                       "file:///d/t.parquet", "file:///d/u.tar"],
+            "source": [
+                "file:///d/a.jpg",
+                "file:///d/b.jpg",
+                "file:///d/dir.tar/x/0.jpg",
+                "file:///d/s.tar",
+                "file:///d/t.parquet",
+                "file:///d/u.tar",
+            ],
             "kind": ["images", "images", "images", "webdataset", "parquet", "webdataset"],
         },
         schema=LISTING_SCHEMA,
     )
-    done = pa.array(sorted(["a.jpg", "dir.tar/x/0.jpg", "s.tar/0.jpg", "s.tar/d/1.jpg", "t.parquet/0",
-                            "t.parquet/1", "u.tar/0.jpg", "gone.tar/0.jpg"]))
+    done = pa.array(
+        sorted(
+            [
+                "a.jpg",
+                "dir.tar/x/0.jpg",
+                "s.tar/0.jpg",
+                "s.tar/d/1.jpg",
+                "t.parquet/0",
+                "t.parquet/1",
+                "u.tar/0.jpg",
+                "gone.tar/0.jpg",
+            ]
+        )
+    )
     images = pa.table({"shard": ["s.tar", "t.parquet", "u.tar"], "images": pa.array([2, 3, 1], pa.int64())})
 
     work = pending_inputs(listing, done, images).to_pylist()
@@ -268,8 +293,11 @@ def test_listing_errors_name_the_key_the_user_set(tmp_path):
     (empty / "notes.txt").write_text("no image here")
     images.mkdir()
     Image.new("RGB", (4, 4)).save(images / "x.jpg")
-    cases = [(str(tmp_path / "nope"), "does not exist"), (str(empty), "no image, .tar or .parquet files found in"),
-             ((str(images), str(images)), "1 duplicate key(s), e.g. 'x.jpg'")]
+    cases = [
+        (str(tmp_path / "nope"), "does not exist"),
+        (str(empty), "no image, .tar or .parquet files found in"),
+        ((str(images), str(images)), "1 duplicate key(s), e.g. 'x.jpg'"),
+    ]
     listers = {
         "input.uri": (lambda uri: list_inputs(InputConfig(uri=uri), {}), cases),
         "data.uri": (lambda uri: list_inputs(LabelledSource(uri), {}), cases),

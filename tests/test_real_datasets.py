@@ -18,13 +18,23 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_job import (
+    CLASSES,
+    REFUSALS_CHILD,
+    REPO,
+    TINY,
+    encoded,
+    expected_map,
+    job_config,
+    make_assets,
+    picture,
+    read_labels,
+)
+from test_read import tar_bytes
 
 from jobs.cli import main as cli
 from model.processing import decode_png
 from pipeline.labelling.job import autolabel
-from test_job import (CLASSES, REFUSALS_CHILD, REPO, TINY, encoded, expected_map, job_config, make_assets, picture,
-                      read_labels)
-from test_read import tar_bytes
 
 BAD = b"this is a text file, not a JPEG\n"
 
@@ -38,19 +48,27 @@ def small_jpeg(i: int) -> bytes:
     return encoded(picture(i, (12 + i % 5, 10 + i % 3)))
 
 
-def write_shards(folder: Path, kind: str, first: int, count: int, per_shard: int, bad_at: int | None) -> dict[str, bytes]:
+def write_shards(
+    folder: Path, kind: str, first: int, count: int, per_shard: int, bad_at: int | None
+) -> dict[str, bytes]:
     """Images first..first+count as tar or Parquet shards of `per_shard`; the bad file at index `bad_at`."""
     keys = {}
     for start in range(first, first + count, per_shard):
-        members = [(f"{i:04d}.jpg", BAD if i == bad_at else small_jpeg(i)) for i in range(start, min(start + per_shard, first + count))]
+        members = [
+            (f"{i:04d}.jpg", BAD if i == bad_at else small_jpeg(i))
+            for i in range(start, min(start + per_shard, first + count))
+        ]
         if kind == "webdataset":
             shard = f"shard-{start:04d}.tar"
             (folder / shard).write_bytes(tar_bytes(members))
             keys.update({f"{shard}/{name}": data for name, data in members})
         else:
             shard = f"shard-{start:04d}.parquet"
-            pq.write_table(pa.table({"image": pa.array([data for _, data in members], pa.binary())}), folder / shard,
-                           row_group_size=64)
+            pq.write_table(
+                pa.table({"image": pa.array([data for _, data in members], pa.binary())}),
+                folder / shard,
+                row_group_size=64,
+            )
             keys.update({f"{shard}/{row}": data for row, (_, data) in enumerate(members)})
     return keys
 
@@ -103,8 +121,11 @@ def test_one_bad_image_among_hundreds_and_a_resume(kind, assets, tmp_path, ray_s
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_mistyped_input_with_resume_false_leaves_the_output_and_starts_no_ray(assets, tmp_path, ray_session):
@@ -119,8 +140,14 @@ def test_mistyped_input_with_resume_false_leaves_the_output_and_starts_no_ray(as
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(typo))
     # the CLI in a fresh process, which says whether Ray was ever started in it
-    child = subprocess.run([sys.executable, "-c", REFUSALS_CHILD, str(path)], cwd=REPO, capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    child = subprocess.run(
+        [sys.executable, "-c", REFUSALS_CHILD, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"},
+    )
     [result] = json.loads(child.stdout.splitlines()[-1])
     assert result["code"] == 2 and "input.uri" in result["stderr"] and "does not exist" in result["stderr"]
     assert result["stderr"].count("\n") == 1  # one line
@@ -134,8 +161,10 @@ def other_checkpoint(assets: Path, root: Path) -> Path:
     folder.mkdir()
     weights = load_file(assets / "checkpoint" / "model.safetensors")
     generator = torch.Generator().manual_seed(7)
-    save_file({name: value + 0.3 * torch.randn(value.shape, generator=generator) for name, value in weights.items()},
-              folder / "model.safetensors")
+    save_file(
+        {name: value + 0.3 * torch.randn(value.shape, generator=generator) for name, value in weights.items()},
+        folder / "model.safetensors",
+    )
     (folder / "config.json").write_text((assets / "checkpoint" / "config.json").read_text())
     return folder
 
@@ -205,8 +234,10 @@ def test_two_runs_on_one_output_at_once(assets, tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
     command = [sys.executable, "-m", "jobs.cli", "run", str(path)]
-    runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
 
     assert sorted(code for code, _, _ in results) == [0, 2], results

@@ -3,19 +3,18 @@ opened in a real headless Chromium: no console errors, every overlay shown."""
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_write import batch, result
 
 from jobs.cli import main as cli
 from model.processing import build_palette, encode_png
-from pipeline.results.review import review
 from pipeline.labelling.write import LabelWriter
+from pipeline.results.review import review
 from pipeline.storage.output import write_job_files
-from test_write import batch, result
 
 CLASSES = ["background", "bar", "disc"]
 PALETTE = build_palette(2)
@@ -48,13 +47,29 @@ def output(tmp_path) -> tuple[str, dict[str, dict]]:
         class_ids = np.flatnonzero(counts).tolist()
         score = (rank + 1) / 100
         class_scores = [0.9, score, 1 - score][: len(class_ids)]
-        rows[key] = {**result(key), "source": str(images / key), "width": 160, "height": 120,
-                     "mask": encode_png(labels, PALETTE), "class_ids": class_ids,
-                     "pixel_counts": counts[counts > 0].tolist(), "score": score, "class_scores": class_scores}
+        rows[key] = {
+            **result(key),
+            "source": str(images / key),
+            "width": 160,
+            "height": 120,
+            "mask": encode_png(labels, PALETTE),
+            "class_ids": class_ids,
+            "pixel_counts": counts[counts > 0].tolist(),
+            "score": score,
+            "class_scores": class_scores,
+        }
     uri = str(tmp_path / "out")
     LabelWriter(uri, {}, png=False)(batch([*rows.values(), *(result(f"bad/{i}.jpg", ok=False) for i in range(3))]))
-    write_job_files(uri, {}, {"classes": CLASSES, "palette": PALETTE.tolist(),
-                              "config": {"input": {"image_column": "image", "exif_transpose": True}}}, success=True)
+    write_job_files(
+        uri,
+        {},
+        {
+            "classes": CLASSES,
+            "palette": PALETTE.tolist(),
+            "config": {"input": {"image_column": "image", "exif_transpose": True}},
+        },
+        success=True,
+    )
     return uri, rows
 
 
@@ -62,12 +77,16 @@ def test_lowest_scores_by_image_and_by_class(output, tmp_path):
     uri, rows = output
     lowest = review(uri, lowest=5, to=str(tmp_path / "lowest"))
     by_score = sorted(rows, key=lambda key: rows[key]["score"])
-    assert sorted(path.split("/overlays/")[1] for path in lowest.overlays) == sorted(f"{key}.jpg" for key in by_score[:5])
+    assert sorted(path.split("/overlays/")[1] for path in lowest.overlays) == sorted(
+        f"{key}.jpg" for key in by_score[:5]
+    )
     assert (lowest.rows, lowest.ok, lowest.unreadable) == (43, 40, [])
 
     discs = review(uri, lowest=3, class_name="disc", to=str(tmp_path / "discs"))  # the disc's score: 1 - score
     with_disc = sorted((key for key in rows if 2 in rows[key]["class_ids"]), key=lambda key: -rows[key]["score"])
-    assert sorted(path.split("/overlays/")[1] for path in discs.overlays) == sorted(f"{key}.jpg" for key in with_disc[:3])
+    assert sorted(path.split("/overlays/")[1] for path in discs.overlays) == sorted(
+        f"{key}.jpg" for key in with_disc[:3]
+    )
 
     sample = review(uri, sample=7, class_name="disc", to=str(tmp_path / "sample"))
     pictured = [path.split("/overlays/")[1][:-4] for path in sample.overlays]

@@ -32,9 +32,24 @@ def assets(tmp_path_factory) -> Path:
 LONG = "l" * 240 + ".jpg"  # a name the filesystem takes, but too long to be a part of a mask's path here
 
 
-@pytest.mark.parametrize("key", ["../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a\\..\\..\\x.jpg", "a\x00.jpg", "a\n.jpg",
-                                 "a\x1b[31m.jpg", "a//x.jpg", "./x.jpg", "a/./x.jpg", "x" * 300 + ".jpg",
-                                 "/".join(["d" * 150] * 6) + ".jpg", "a\u2028.jpg"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../x.jpg",
+        "a/../../x.jpg",
+        "/etc/x.jpg",
+        "a\\..\\..\\x.jpg",
+        "a\x00.jpg",
+        "a\n.jpg",
+        "a\x1b[31m.jpg",
+        "a//x.jpg",
+        "./x.jpg",
+        "a/./x.jpg",
+        "x" * 300 + ".jpg",
+        "/".join(["d" * 150] * 6) + ".jpg",
+        "a\u2028.jpg",
+    ],
+)
 def test_keys_that_are_not_plain_paths_get_a_hashed_name(key):
     path = key_path(key, ".png")
     assert path.startswith("_hashed/") and len(path) == len("_hashed/") + 64 + 4 and path[8:-4].isalnum()
@@ -65,27 +80,52 @@ def test_no_input_name_writes_outside_the_output(assets, tmp_path, ray_session):
     data, out = tmp_path / "data", tmp_path / "nest" / "out"
     (data / "sub").mkdir(parents=True)
     images = [encoded(picture(i, (20 + i, 16))) for i in range(12)]
-    loose = {"back\\..\\..\\slash.jpg": images[0], "ctrl\x1b[2J.jpg": images[1], "new\nline.jpg": images[2],
-             LONG: images[3], "sub/plain.jpg": images[4]}
+    loose = {
+        "back\\..\\..\\slash.jpg": images[0],
+        "ctrl\x1b[2J.jpg": images[1],
+        "new\nline.jpg": images[2],
+        LONG: images[3],
+        "sub/plain.jpg": images[4],
+    }
     for name, payload in loose.items():
         (data / name).write_bytes(payload)
-    members = {"/abs/a.jpg": images[5], "../up.jpg": images[6], "x/../../up2.jpg": images[7],
-               "back\\up\\m.jpg": images[8], "tab\there.jpg": images[9], "m" * 300 + ".jpg": images[10],
-               "./dot/a.jpg": images[11]}
+    members = {
+        "/abs/a.jpg": images[5],
+        "../up.jpg": images[6],
+        "x/../../up2.jpg": images[7],
+        "back\\up\\m.jpg": images[8],
+        "tab\there.jpg": images[9],
+        "m" * 300 + ".jpg": images[10],
+        "./dot/a.jpg": images[11],
+    }
     (data / "s.tar").write_bytes(tar_with(members))
-    table = pa.table({"image": pa.array([{"bytes": images[0], "path": "../../../outside.jpg"},
-                                         {"bytes": images[1], "path": "/etc/passwd"}])})
+    table = pa.table(
+        {
+            "image": pa.array(
+                [{"bytes": images[0], "path": "../../../outside.jpg"}, {"bytes": images[1], "path": "/etc/passwd"}]
+            )
+        }
+    )
     pq.write_table(table, data / "p.parquet")
     before = every_file(tmp_path)
 
     summary = autolabel(job_config(assets, str(data), str(out), {}), log=lambda line: None)
 
-    expected = {**loose, "s.tar/abs/a.jpg": images[5], "s.tar/back\\up\\m.jpg": images[8],
-                "s.tar/tab\there.jpg": images[9], "s.tar/" + "m" * 300 + ".jpg": images[10],
-                "s.tar/dot/a.jpg": images[11], "p.parquet/0": images[0], "p.parquet/1": images[1]}
+    expected = {
+        **loose,
+        "s.tar/abs/a.jpg": images[5],
+        "s.tar/back\\up\\m.jpg": images[8],
+        "s.tar/tab\there.jpg": images[9],
+        "s.tar/" + "m" * 300 + ".jpg": images[10],
+        "s.tar/dot/a.jpg": images[11],
+        "p.parquet/0": images[0],
+        "p.parquet/1": images[1],
+    }
     assert (summary.ok, summary.error) == (len(expected), 0)  # names that leave a tar are not images of it
     new = every_file(tmp_path) - before
-    assert new and all(out in path.parents for path in new), sorted(map(str, new - {p for p in new if out in p.parents}))
+    assert new and all(out in path.parents for path in new), sorted(
+        map(str, new - {p for p in new if out in p.parents})
+    )
     rows = {row["key"]: row for row in read_labels(str(out), {}).to_pylist()}
     assert sorted(rows) == sorted(expected)
     for key, payload in expected.items():
@@ -105,8 +145,9 @@ def ray_log_text() -> str:
     return "".join(path.read_text(errors="replace") for path in logs.rglob("*") if path.is_file())
 
 
-def test_credentials_never_reach_logs_errors_job_file_or_rows(assets, s3_bucket, ray_session, tmp_path, capfd,
-                                                             monkeypatch):
+def test_credentials_never_reach_logs_errors_job_file_or_rows(
+    assets, s3_bucket, ray_session, tmp_path, capfd, monkeypatch
+):
     bucket, options = s3_bucket
     fs = fsspec.filesystem("s3", **options)
     for i in range(5):

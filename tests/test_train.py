@@ -13,13 +13,22 @@ import torch
 from jobs.cli import main as cli
 from model import SegGpt, SegGptConfig, load_model
 from pipeline.config import ConfigError
-from pipeline.training.synthetic import random_task, render, task_pair
 from pipeline.training.checkpoints import read_log
+from pipeline.training.synthetic import random_task, render, task_pair
 from pipeline.training.train import synthetic_batch, train
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=[64, 32], patch_size=8,
-            pretrain_image_size=32, decoder_hidden_size=8, merge_index=0, intermediate_hidden_state_indices=[0, 1],
-            drop_path_rate=0.0)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=[64, 32],
+    patch_size=8,
+    pretrain_image_size=32,
+    decoder_hidden_size=8,
+    merge_index=0,
+    intermediate_hidden_state_indices=[0, 1],
+    drop_path_rate=0.0,
+)
 
 
 def config(output: Path, **train) -> dict:
@@ -35,8 +44,10 @@ def test_two_workers_checkpoints_load_and_a_resume_continues_the_loss(tmp_path, 
     lr = 1e-3  # constant at step 1 (no warm-up), where the hand-made step below checks it
 
     def two_workers(output: Path) -> dict:
-        return {**config(output, warmup_steps=0, lr=lr, weight_decay=0.0, checkpoint_every=1),
-                "compute": {"workers": 2, "cpus_per_worker": 0.5}}
+        return {
+            **config(output, warmup_steps=0, lr=lr, weight_decay=0.0, checkpoint_every=1),
+            "compute": {"workers": 2, "cpus_per_worker": 0.5},
+        }
 
     whole = tmp_path / "whole"
     summary = train(two_workers(whole), log=lambda line: None)
@@ -114,7 +125,8 @@ def test_synthetic_tasks_are_pairs_of_one_task_with_every_class():
     assert not np.array_equal(prompt, target)
     batch = synthetic_batch(seed=0, step=0, rank=0, batch_size=3, size=(32, 32))
     assert {name: tuple(value.shape) for name, value in batch.items()} == {
-        name: (3, 3, 32, 32) for name in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels")}
+        name: (3, 3, 32, 32) for name in ("pixel_values", "prompt_pixel_values", "prompt_masks", "labels")
+    }
     assert torch.equal(batch["labels"], synthetic_batch(0, 0, 0, 3, (32, 32))["labels"])  # seeded by step and rank
     assert not torch.equal(batch["labels"], synthetic_batch(0, 0, 1, 3, (32, 32))["labels"])
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_read import tar_bytes
 
 from jobs.cli import DEMO
 from jobs.demo.build import write_sample
-from pipeline.results.evaluate import evaluate, table
 from pipeline.labelling.job import autolabel
-from test_read import tar_bytes
+from pipeline.results.evaluate import evaluate, table
 
 MEAN_IOU_FLOOR = 0.4  # per held-out task (0.42 to 0.64 here); over ten tasks the mean is 0.62 (README)
 

@@ -18,8 +18,8 @@ import ray.data
 from PIL import Image
 
 from pipeline.labelling.plan import clean_labels, done_keys, read_index
-from pipeline.storage.output import LABELS_SCHEMA, RAN_COLUMNS, labels_file_name, prepare_output, write_job_files
 from pipeline.labelling.write import LabelWriter
+from pipeline.storage.output import LABELS_SCHEMA, RAN_COLUMNS, labels_file_name, prepare_output, write_job_files
 
 START = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 MODEL, PROMPT_SET = "seggpt-test", "prompts-test"
@@ -123,8 +123,7 @@ def test_labels_read_back_as_one_table(output):
     if options:
         connection.register_filesystem(fsspec.filesystem("s3", **options))
     counts = connection.sql(
-        "select status, count(*), count(mask_uri)"
-        f" from read_parquet('{uri}/labels/*.parquet') group by 1 order by 1"
+        f"select status, count(*), count(mask_uri) from read_parquet('{uri}/labels/*.parquet') group by 1 order by 1"
     ).fetchall()
     assert counts == [("error", 3, 0), ("ok", 2, 2)]
 

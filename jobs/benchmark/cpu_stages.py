@@ -31,9 +31,13 @@ def _stage_seconds(data: bytes, images: int, palette: np.ndarray, rng: np.random
     from pipeline.labelling.postprocess import postprocess
     from pipeline.labelling.preprocess import preprocess
 
-    batch = {"key": np.array([f"{i}.jpg" for i in range(images)], object),
-             "source": np.array(["x"] * images, object), "bytes": np.array([data] * images, object),
-             "error": np.array([None] * images, object), "shard_images": np.zeros(images, np.int64)}
+    batch = {
+        "key": np.array([f"{i}.jpg" for i in range(images)], object),
+        "source": np.array(["x"] * images, object),
+        "bytes": np.array([data] * images, object),
+        "error": np.array([None] * images, object),
+        "shard_images": np.zeros(images, np.int64),
+    }
     warm = preprocess({name: column[:1] for name, column in batch.items()}, size=(448, 448), exif_transpose=True)
     warm["class_map"], warm["score"] = np.zeros((1, 448, 448), np.uint8), np.ones(1, np.float32)
     warm["class_scores"] = np.ones((1, len(palette)), np.float32)
@@ -64,11 +68,17 @@ def benchmark_cpu_stages(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     palette = build_palette(3)
     gpu_rate = args.gpu_images_per_second or (
-        GPU_PEAK_TFLOPS["H100"]["bfloat16"] * 1e12 * args.mfu / model_flops(vit_large(24), 1, args.prompts))
-    print(f"CPU stages per image on one core ({os.cpu_count()} CPUs here), {args.images} photo-like JPEGs per size "
-          f"(quality 90); one GPU labelling {gpu_rate:.0f} images/s ({args.prompts} prompt(s))"
-          + ("" if args.gpu_images_per_second else
-             f": ViT-L bfloat16 at {args.mfu:.0%} of an H100's dense peak, an estimate until measured on one"))
+        GPU_PEAK_TFLOPS["H100"]["bfloat16"] * 1e12 * args.mfu / model_flops(vit_large(24), 1, args.prompts)
+    )
+    print(
+        f"CPU stages per image on one core ({os.cpu_count()} CPUs here), {args.images} photo-like JPEGs per size "
+        f"(quality 90); one GPU labelling {gpu_rate:.0f} images/s ({args.prompts} prompt(s))"
+        + (
+            ""
+            if args.gpu_images_per_second
+            else f": ViT-L bfloat16 at {args.mfu:.0%} of an H100's dense peak, an estimate until measured on one"
+        )
+    )
     print(f"  {'size':<12}{'decode+resize':>15}{'draft':>9}{'post':>8}{'cores/GPU':>11}{'with draft':>12}")
     rows = {}
     for size in args.sizes:
@@ -77,16 +87,21 @@ def benchmark_cpu_stages(args: argparse.Namespace) -> None:
         timings["cores_per_gpu"] = gpu_rate * (timings["decode"] + timings["post"])
         timings["cores_per_gpu_draft"] = gpu_rate * (timings["draft"] + timings["post"])
         rows[size] = timings
-        print(f"  {size:<12}{timings['decode'] * 1e3:12.1f} ms{timings['draft'] * 1e3:6.1f} ms"
-              f"{timings['post'] * 1e3:5.1f} ms{timings['cores_per_gpu']:11.1f}{timings['cores_per_gpu_draft']:12.1f}")
-    write_record(args.json, {"benchmark": "cpu-stages", **vars(args), "gpu_images_per_second": gpu_rate,
-                             "per_image_seconds": rows})
+        print(
+            f"  {size:<12}{timings['decode'] * 1e3:12.1f} ms{timings['draft'] * 1e3:6.1f} ms"
+            f"{timings['post'] * 1e3:5.1f} ms{timings['cores_per_gpu']:11.1f}{timings['cores_per_gpu_draft']:12.1f}"
+        )
+    write_record(
+        args.json,
+        {"benchmark": "cpu-stages", **vars(args), "gpu_images_per_second": gpu_rate, "per_image_seconds": rows},
+    )
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `cpu-stages` subcommand."""
-    parser = sub.add_parser("cpu-stages", help="preprocess and postprocess per image on one core; cores per GPU",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "cpu-stages", help="preprocess and postprocess per image on one core; cores per GPU", description=__doc__
+    )
     parser.add_argument("--sizes", nargs="+", default=["640x480", "1920x1080", "4000x3000"], help="WIDTHxHEIGHT")
     parser.add_argument("--images", type=int, default=8, help="images per size")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per image (the GPU's work per image)")

@@ -37,11 +37,25 @@ def _export_output(folder: Path, rows: int, side: int) -> str:
                 else:
                     labels[np.hypot(yy - y, xx - x) <= r] = 2
             counts = np.bincount(labels.ravel(), minlength=3)
-            batch.append({"key": f"{i // 1000:03d}/{i:07d}.jpg", "source": f"s3://in/{i:07d}.jpg", "status": "ok",
-                          "error": None, "width": side, "height": side, "mask": encode_png(labels, palette),
-                          "class_ids": np.flatnonzero(counts).tolist(), "pixel_counts": counts[counts > 0].tolist(),
-                          "class_scores": [0.5] * int((counts > 0).sum()), "score": 0.5, "model": "m",
-                          "prompt_set": "p", "labeled_at": datetime.now(timezone.utc), "shard_images": None})
+            batch.append(
+                {
+                    "key": f"{i // 1000:03d}/{i:07d}.jpg",
+                    "source": f"s3://in/{i:07d}.jpg",
+                    "status": "ok",
+                    "error": None,
+                    "width": side,
+                    "height": side,
+                    "mask": encode_png(labels, palette),
+                    "class_ids": np.flatnonzero(counts).tolist(),
+                    "pixel_counts": counts[counts > 0].tolist(),
+                    "class_scores": [0.5] * int((counts > 0).sum()),
+                    "score": 0.5,
+                    "model": "m",
+                    "prompt_set": "p",
+                    "labeled_at": datetime.now(timezone.utc),
+                    "shard_images": None,
+                }
+            )
         writer(pa.Table.from_pylist(batch))
     write_job_files(uri, {}, {"classes": ["background", "bar", "disc"]}, success=True)
     return uri
@@ -72,8 +86,9 @@ def benchmark_export(args: argparse.Namespace) -> None:
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `export` subcommand."""
-    parser = sub.add_parser("export", help="export at several sizes: time and peak memory per format",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "export", help="export at several sizes: time and peak memory per format", description=__doc__
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--side", type=int, default=256, help="class maps of side x side pixels")
     parser.add_argument("--formats", nargs="+", default=["coco", "yolo-seg", "masks"])

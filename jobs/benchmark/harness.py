@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CHECKPOINT = str(Path(__file__).parents[1] / "demo" / "checkpoint")  # the demo's bundled model
 
 
-def finish_parser(parser: argparse.ArgumentParser,
-                  benchmark: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+def finish_parser(
+    parser: argparse.ArgumentParser, benchmark: Callable[[argparse.Namespace], None]
+) -> argparse.ArgumentParser:
     """The subcommand `parser` takes `--json PATH` (its last option) and runs `benchmark`."""
     parser.add_argument("--json", help="write the JSON record here too")
     parser.set_defaults(run=benchmark)
@@ -47,10 +48,13 @@ def in_child(function: Callable[..., Any], *args: Any) -> Any:
 def run_child(function: Callable[..., None], *args: Any, env: dict[str, str] | None = None, name: str = "") -> dict:
     """`function(*args)` in a fresh interpreter started from the repository root (with `env`, as given before it
     starts), where `function` is a module-level function that prints a JSON record last; that record."""
-    code = (f"import json, sys; from {function.__module__} import {function.__name__}; "
-            f"{function.__name__}(*json.loads(sys.argv[1]))")
-    child = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
-                           env=env, check=False)
+    code = (
+        f"import json, sys; from {function.__module__} import {function.__name__}; "
+        f"{function.__name__}(*json.loads(sys.argv[1]))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True, env=env, check=False
+    )
     if child.returncode:
         sys.stderr.write(child.stderr)
         raise SystemExit(f"the measuring process{f' of {name}' if name else ''} failed (exit {child.returncode})")

@@ -66,12 +66,18 @@ def matmul_shapes(config: dict, batch: int, prompts: int) -> dict[str, tuple[int
     model_config = SegGptConfig(**config)
     rows, cols = model_config.grid
     tokens, dim, hidden = batch * prompts * rows // 2 * cols, model_config.hidden_size, model_config.mlp_dim
-    return {"4096x1024x4096": (4096, 1024, 4096), "qkv": (tokens, dim, 3 * dim), "proj": (tokens, dim, dim),
-            "fc1": (tokens, dim, hidden), "fc2": (tokens, hidden, dim)}
+    return {
+        "4096x1024x4096": (4096, 1024, 4096),
+        "qkv": (tokens, dim, 3 * dim),
+        "proj": (tokens, dim, dim),
+        "fc1": (tokens, dim, hidden),
+        "fc2": (tokens, hidden, dim),
+    }
 
 
-def matmul_tflops(shapes: dict[str, tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
-                  min_seconds: float = 0.2) -> dict[str, float]:
+def matmul_tflops(
+    shapes: dict[str, tuple[int, int, int]], device: torch.device, dtype: torch.dtype, min_seconds: float = 0.2
+) -> dict[str, float]:
     """TFLOP/s of each (M, K, N) multiply as the model's linear layers run it (`F.linear` with a bias), in this
     process (its threads, its allocator): the best of 3 runs of at least `min_seconds` each, after a warm-up."""
     rates = {}
@@ -140,10 +146,17 @@ def _model_child(spec: dict) -> None:
             sync(device)
             if i:
                 times.append(time.perf_counter() - start)
-    print(json.dumps({"times": times, "peak_rss_kib": peak_kib(),
-                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
-                      "attention": attention, "matmul_tflops": matmul_tflops(matmul_shapes(config, batch, k), device,
-                                                                             dtype)}))
+    print(
+        json.dumps(
+            {
+                "times": times,
+                "peak_rss_kib": peak_kib(),
+                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+                "attention": attention,
+                "matmul_tflops": matmul_tflops(matmul_shapes(config, batch, k), device, dtype),
+            }
+        )
+    )
 
 
 def _run_model_child(spec: dict, tuned_malloc: bool) -> dict:
@@ -162,14 +175,17 @@ def _variants(args: argparse.Namespace) -> dict[str, tuple[dict, bool]]:
     variants[f"reference {args.reference_dtype}"] = ({"impl": "reference", "dtype": args.reference_dtype}, False)
     if on_cpu:
         variants[f"reference {args.reference_dtype}, tuned malloc"] = (
-            {"impl": "reference", "dtype": args.reference_dtype}, True)
+            {"impl": "reference", "dtype": args.reference_dtype},
+            True,
+        )
     return variants
 
 
 def _measure(variants: dict[str, tuple[dict, bool]], common: dict, rounds: int) -> dict[str, dict]:
     """Every variant's process once per round, in turn (A B C A B C): its times, matmul rates and peaks."""
-    results: dict[str, dict] = {name: {"times": [], "peak_rss_kib": 0, "peak_gpu_bytes": 0, "matmul_tflops": []}
-                                for name in variants}
+    results: dict[str, dict] = {
+        name: {"times": [], "peak_rss_kib": 0, "peak_gpu_bytes": 0, "matmul_tflops": []} for name in variants
+    }
     for round_number in range(rounds):
         for name, (spec, tuned_malloc) in variants.items():
             out = _run_model_child({**common, **spec}, tuned_malloc)
@@ -178,16 +194,20 @@ def _measure(variants: dict[str, tuple[dict, bool]], common: dict, rounds: int) 
             results[name]["attention"] = out["attention"]
             results[name]["peak_rss_kib"] = max(results[name]["peak_rss_kib"], out["peak_rss_kib"])
             results[name]["peak_gpu_bytes"] = max(results[name]["peak_gpu_bytes"], out["peak_gpu_bytes"])
-            print(f"  round {round_number + 1}: {name}: {' '.join(f'{t:.2f}' for t in out['times'])} s/batch",
-                  flush=True)
+            print(
+                f"  round {round_number + 1}: {name}: {' '.join(f'{t:.2f}' for t in out['times'])} s/batch", flush=True
+            )
     return results
 
 
-def _rates(results: dict[str, dict], dtypes: dict[str, str], peaks: dict[str, dict], flops: int,
-           args: argparse.Namespace) -> None:
+def _rates(
+    results: dict[str, dict], dtypes: dict[str, str], peaks: dict[str, dict], flops: int, args: argparse.Namespace
+) -> None:
     """Add each variant's images/s, TFLOP/s, share of the measured matmul peak and MFU to its result; print them."""
-    print(f"  {'variant':<34}{'images/s':>10}{'s/image':>9}{'TFLOP/s':>9}{'of peak':>9}{'MFU':>7}{'peak RSS':>11}"
-          f"  attention")
+    print(
+        f"  {'variant':<34}{'images/s':>10}{'s/image':>9}{'TFLOP/s':>9}{'of peak':>9}{'MFU':>7}{'peak RSS':>11}"
+        f"  attention"
+    )
     for name, result in results.items():
         seconds = statistics.median(result["times"])
         result.update(images_per_second=args.batch / seconds, tflops=flops / seconds / 1e12)
@@ -196,60 +216,93 @@ def _rates(results: dict[str, dict], dtypes: dict[str, str], peaks: dict[str, di
         peak = gpu_peak_tflops(dtypes[name]) if args.device == "cuda" else None
         result["mfu"] = result["tflops"] / peak if peak else None  # of the GPU's datasheet peak
         mfu = f"{result['mfu']:.0%}" if result["mfu"] is not None else "-"
-        print(f"  {name:<34}{result['images_per_second']:10.4f}{seconds / args.batch:9.2f}{result['tflops']:9.3f}"
-              f"{result['share_of_peak']:9.0%}{mfu:>7}{result['peak_rss_kib'] / 1024:7.0f} MiB  "
-              f"{result['attention'] or '-'}")
+        print(
+            f"  {name:<34}{result['images_per_second']:10.4f}{seconds / args.batch:9.2f}{result['tflops']:9.3f}"
+            f"{result['share_of_peak']:9.0%}{mfu:>7}{result['peak_rss_kib'] / 1024:7.0f} MiB  "
+            f"{result['attention'] or '-'}"
+        )
 
 
 def _ratios(results: dict[str, dict]) -> dict[str, float]:
     """Images/s of each of ours over each reference's."""
     references = [name for name in results if name.startswith("reference")]
-    return {f"{name} / {base}": result["images_per_second"] / results[base]["images_per_second"]
-            for name, result in results.items() if name.startswith("ours") for base in references}
+    return {
+        f"{name} / {base}": result["images_per_second"] / results[base]["images_per_second"]
+        for name, result in results.items()
+        if name.startswith("ours")
+        for base in references
+    }
 
 
 def benchmark_model(args: argparse.Namespace) -> None:
     """Ours at each dtype against the reference (as users run it, and with its allocator tuned), each in its own
     process, alternated round by round (A B C A B C) so that the machine's drift hits all of them alike."""
     variants = _variants(args)
-    common = {"layers": args.layers, "batch": args.batch, "prompts": args.prompts, "device": args.device,
-              "iters": args.iters, "attention": args.attention}
+    common = {
+        "layers": args.layers,
+        "batch": args.batch,
+        "prompts": args.prompts,
+        "device": args.device,
+        "iters": args.iters,
+        "attention": args.attention,
+    }
     config = vit_large(args.layers)
     flops = model_flops(config, args.batch, args.prompts)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else None
-    print(f"config: ViT-L width (hidden 1024, 16 heads), {args.layers} layers, 896x448, {args.batch} images x "
-          f"{args.prompts} prompts per batch, device {args.device}{f' ({device_name})' if device_name else ''}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs; each variant in its own process, {args.rounds} rounds "
-          f"of {args.iters} batches; our predict: {flops / args.batch / 1e12:.3f} TFLOP per image")
+    print(
+        f"config: ViT-L width (hidden 1024, 16 heads), {args.layers} layers, 896x448, {args.batch} images x "
+        f"{args.prompts} prompts per batch, device {args.device}{f' ({device_name})' if device_name else ''}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; each variant in its own process, {args.rounds} rounds "
+        f"of {args.iters} batches; our predict: {flops / args.batch / 1e12:.3f} TFLOP per image"
+    )
     results = _measure(variants, common, args.rounds)
     dtypes = {name: spec["dtype"] for name, (spec, _) in variants.items()}
     peaks = matmul_peaks(results, dtypes)
     for dtype, peak in peaks.items():
         shapes = ", ".join(f"{shape} {tflops:.3f}" for shape, tflops in peak["shapes"].items())
-        print(f"  matmul peak {dtype}: {peak['tflops']:.3f} TFLOP/s, the best of (F.linear, TFLOP/s, median of "
-              f"{peak['processes']} measuring processes): {shapes}")
+        print(
+            f"  matmul peak {dtype}: {peak['tflops']:.3f} TFLOP/s, the best of (F.linear, TFLOP/s, median of "
+            f"{peak['processes']} measuring processes): {shapes}"
+        )
     _rates(results, dtypes, peaks, flops, args)
     ratios = _ratios(results)
     for label, ratio in ratios.items():
         print(f"  {label}: {ratio:.2f}x")
-    write_record(args.json, {
-        "benchmark": "model", "config": config, **common, "rounds": args.rounds, "flops_per_batch": flops,
-        "torch": torch.__version__, "cpus": os.cpu_count(),
-        "reference_images_per_second": results[f"reference {args.reference_dtype}"]["images_per_second"],
-        "device_name": device_name, "matmul_peaks": peaks, "variants": results, "ratios": ratios})
+    write_record(
+        args.json,
+        {
+            "benchmark": "model",
+            "config": config,
+            **common,
+            "rounds": args.rounds,
+            "flops_per_batch": flops,
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "reference_images_per_second": results[f"reference {args.reference_dtype}"]["images_per_second"],
+            "device_name": device_name,
+            "matmul_peaks": peaks,
+            "variants": results,
+            "ratios": ratios,
+        },
+    )
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `model` subcommand."""
-    parser = sub.add_parser("model", help="our SegGpt vs transformers, each in its own process, alternated",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "model", help="our SegGpt vs transformers, each in its own process, alternated", description=__doc__
+    )
     parser.add_argument("--layers", type=int, default=24, help="transformer layers (ViT-L has 24)")
     parser.add_argument("--batch", type=int, default=1, help="images per batch")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per image (feature ensemble)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"], help="ours at each")
     parser.add_argument("--reference-dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--attention", choices=["auto", "sdpa", "flex", "chunked"], default="auto",
-                        help="our attention backend (default: flex on CUDA; on the CPU chunked in bfloat16, else sdpa)")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "flex", "chunked"],
+        default="auto",
+        help="our attention backend (default: flex on CUDA; on the CPU chunked in bfloat16, else sdpa)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=2, help="timed batches per process, after one warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, alternated")

@@ -48,8 +48,11 @@ def synthetic_job(root: Path, args: argparse.Namespace, images: int) -> dict:
         "prompts": {"uri": str(root / "prompts"), "classes": ["a", "b"]},
         "model": {"checkpoint": str(root / "checkpoint"), "dtype": args.dtype},
         "output": {"uri": str(root / f"out-{images}"), "resume": False},
-        "compute": {"batch_size": args.batch, "cpus_per_actor": args.cpus_per_actor,
-                    "cpus_per_task": args.cpus_per_task},
+        "compute": {
+            "batch_size": args.batch,
+            "cpus_per_actor": args.cpus_per_actor,
+            "cpus_per_task": args.cpus_per_task,
+        },
     }
 
 
@@ -63,9 +66,15 @@ def measured_job(job: dict) -> dict:
     with ProcessPeaks() as peaks:
         summary = autolabel(job, log=lambda line: None)
         ray.shutdown()  # inside: Ray's processes are sampled up to their end
-    return {"images": summary.ok + summary.error, "ok": summary.ok, "seconds": summary.seconds,
-            "images_per_second": summary.images_per_second, "peaks_kib": peaks.by_role(),
-            "private_peaks_kib": peaks.by_role("private_kib"), "cpu_seconds": peaks.cpu_by_role()}
+    return {
+        "images": summary.ok + summary.error,
+        "ok": summary.ok,
+        "seconds": summary.seconds,
+        "images_per_second": summary.images_per_second,
+        "peaks_kib": peaks.by_role(),
+        "private_peaks_kib": peaks.by_role("private_kib"),
+        "cpu_seconds": peaks.cpu_by_role(),
+    }
 
 
 def print_peaks(peaks: dict[str, dict[str, int]]) -> None:
@@ -80,9 +89,11 @@ def print_peaks(peaks: dict[str, dict[str, int]]) -> None:
 
 def job_description(args: argparse.Namespace) -> str:
     """The config of the benchmarked job, in a line."""
-    return (f"ViT-L width, {args.layers} layers, 896x448, {args.prompts} prompts, batch {args.batch}, dtype "
-            f"{args.dtype}, 640x480 JPEGs{' (draft decoding)' if args.jpeg_draft else ''}, device {args.device}, "
-            f"cpus_per_actor {args.cpus_per_actor}, cpus_per_task {args.cpus_per_task}, {os.cpu_count()} CPUs")
+    return (
+        f"ViT-L width, {args.layers} layers, 896x448, {args.prompts} prompts, batch {args.batch}, dtype "
+        f"{args.dtype}, 640x480 JPEGs{' (draft decoding)' if args.jpeg_draft else ''}, device {args.device}, "
+        f"cpus_per_actor {args.cpus_per_actor}, cpus_per_task {args.cpus_per_task}, {os.cpu_count()} CPUs"
+    )
 
 
 def _model_only_rate(checkpoint: str, args: argparse.Namespace, batches: int) -> float:
@@ -125,15 +136,26 @@ def benchmark_pipeline(args: argparse.Namespace) -> None:
     model_rate = (before + after) / 2
     print(f"config: {job_description(args)}, {args.images} images")
     print(f"      job: {run['images_per_second']:8.4f} images/s ({run['ok']} ok in {run['seconds']:.1f} s)")
-    print(f"    model: {model_rate:8.4f} images/s (predict alone, same batches, as the actor runs it; "
-          f"{before:.4f} before the job, {after:.4f} after)")
+    print(
+        f"    model: {model_rate:8.4f} images/s (predict alone, same batches, as the actor runs it; "
+        f"{before:.4f} before the job, {after:.4f} after)"
+    )
     print(f"     busy: {run['images_per_second'] / model_rate:.0%} of the model-only rate")
     print_peaks({"peak RSS": run["peaks_kib"], "private": run["private_peaks_kib"]})
     print(f"  CPU seconds over the job's {run['seconds']:.1f} s (wall) on {os.cpu_count()} CPUs:")
     for role, seconds in run["cpu_seconds"].items():
         print(f"  {role[:58]:<58}{seconds:12.1f}")
-    write_record(args.json, {"benchmark": "pipeline", **vars(args), "job": run, "model_images_per_second": model_rate,
-                             "model_before_after": [before, after], "ratio": run["images_per_second"] / model_rate})
+    write_record(
+        args.json,
+        {
+            "benchmark": "pipeline",
+            **vars(args),
+            "job": run,
+            "model_images_per_second": model_rate,
+            "model_before_after": [before, after],
+            "ratio": run["images_per_second"] / model_rate,
+        },
+    )
 
 
 def job_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -199,21 +199,29 @@ def _print_numbers(numbers: dict, labels_bytes: int, share: float, expected: int
     steps, base = numbers["steps"], numbers["baseline"]
     print(f"  {'step':<16}{'seconds':>9}{'RSS after':>12}{'step peak':>12}{'Arrow after':>13}{'Arrow peak':>12}")
     for name, s in steps.items():
-        print(f"  {name:<16}{s['seconds']:9.2f}{s['rss_kib'] / MIB:8.0f} MiB{s['peak_rss_kib'] / MIB:8.0f} MiB"
-              f"{s['arrow_bytes'] / 2**20:9.0f} MiB{s['arrow_peak_bytes'] / 2**20:8.0f} MiB")
+        print(
+            f"  {name:<16}{s['seconds']:9.2f}{s['rss_kib'] / MIB:8.0f} MiB{s['peak_rss_kib'] / MIB:8.0f} MiB"
+            f"{s['arrow_bytes'] / 2**20:9.0f} MiB{s['arrow_peak_bytes'] / 2**20:8.0f} MiB"
+        )
     print(f"  {'total':<16}{numbers['total_seconds']:9.2f}")
     peak = numbers["planning_peak_rss_kib"]
-    print(f"  driver RSS: baseline {base['rss_kib'] / MIB:.0f} MiB after imports (pipeline.labelling.job: torch, "
-          f"Ray), peak while planning {peak / MIB:.0f} MiB (VmHWM), so planning added "
-          f"{(peak - base['rss_kib']) / MIB:.0f} MiB; ru_maxrss {numbers['peak_rss_kib'] / MIB:.0f} MiB at the end "
-          f"(reset with VmHWM before each step; {base['import_peak_rss_kib'] / MIB:.0f} MiB after the imports); "
-          f"Arrow's peak allocation {numbers['arrow_peak_bytes'] / 2**20:.0f} MiB ({numbers['arrow_pool']})")
+    print(
+        f"  driver RSS: baseline {base['rss_kib'] / MIB:.0f} MiB after imports (pipeline.labelling.job: torch, "
+        f"Ray), peak while planning {peak / MIB:.0f} MiB (VmHWM), so planning added "
+        f"{(peak - base['rss_kib']) / MIB:.0f} MiB; ru_maxrss {numbers['peak_rss_kib'] / MIB:.0f} MiB at the end "
+        f"(reset with VmHWM before each step; {base['import_peak_rss_kib'] / MIB:.0f} MiB after the imports); "
+        f"Arrow's peak allocation {numbers['arrow_peak_bytes'] / 2**20:.0f} MiB ({numbers['arrow_pool']})"
+    )
     index_s = steps["read_index"]["seconds"] + steps["index_table"]["seconds"]
-    print(f"  resume index: {numbers['index_rows']} rows of {numbers['index_files']} files in {index_s:.2f} s "
-          f"({numbers['index_rows'] / index_s if index_s else 0:,.0f} rows/s); read {numbers['index_bytes_read']:,} "
-          f"bytes (counting filesystem; rchar {numbers['index_rchar']:,}) of labels/'s {labels_bytes:,}: {share:.2%}")
-    print(f"  listed {numbers['listed']} inputs; done {numbers['done']}, skipped {numbers['skipped']}, "
-          f"pending work items {numbers['pending']} (expected {expected})")
+    print(
+        f"  resume index: {numbers['index_rows']} rows of {numbers['index_files']} files in {index_s:.2f} s "
+        f"({numbers['index_rows'] / index_s if index_s else 0:,.0f} rows/s); read {numbers['index_bytes_read']:,} "
+        f"bytes (counting filesystem; rchar {numbers['index_rchar']:,}) of labels/'s {labels_bytes:,}: {share:.2%}"
+    )
+    print(
+        f"  listed {numbers['listed']} inputs; done {numbers['done']}, skipped {numbers['skipped']}, "
+        f"pending work items {numbers['pending']} (expected {expected})"
+    )
 
 
 def benchmark_plan(args: argparse.Namespace) -> None:
@@ -231,25 +239,42 @@ def benchmark_plan(args: argparse.Namespace) -> None:
         f"plan: {args.inputs} inputs (local tree, {min(PLAN_MAX_FOLDERS, args.inputs)} folders), {args.rows} labelled "
         f"rows in {files} files of <= {PLAN_ROWS_PER_FILE} rows ({args.mask_bytes} mask bytes per ok row), "
         f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs; data in {directory}"
-        + (f" (synthesised: inputs {made['inputs_s']:.0f} s, labels {made['labels_s']:.0f} s)" if any(made.values())
-           else " (reused)")
+        + (
+            f" (synthesised: inputs {made['inputs_s']:.0f} s, labels {made['labels_s']:.0f} s)"
+            if any(made.values())
+            else " (reused)"
+        )
     )
     _print_numbers(numbers, labels_bytes, share, expected)
-    write_record(args.json, {
-        "inputs": args.inputs, "rows": args.rows, "mask_bytes": args.mask_bytes, "cold": args.cold,
-        "labels_files": files, "labels_bytes": labels_bytes, "index_share": share, "expected_pending": expected,
-        "synthesis_seconds": made, **numbers,
-    })
+    write_record(
+        args.json,
+        {
+            "inputs": args.inputs,
+            "rows": args.rows,
+            "mask_bytes": args.mask_bytes,
+            "cold": args.cold,
+            "labels_files": files,
+            "labels_bytes": labels_bytes,
+            "index_share": share,
+            "expected_pending": expected,
+            "synthesis_seconds": made,
+            **numbers,
+        },
+    )
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `plan` subcommand."""
-    parser = sub.add_parser("plan", help="resume planning over synthetic inputs and labels: time, memory, bytes read",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "plan", help="resume planning over synthetic inputs and labels: time, memory, bytes read", description=__doc__
+    )
     parser.add_argument("--inputs", type=int, default=1_000_000, help="input files to list")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in labels/ (the first keys, 1%% errors)")
     parser.add_argument("--mask-bytes", type=int, default=4000, help="mask bytes per ok row (a small PNG)")
-    parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "seggpt-plan-bench"),
-                        help="where the synthetic data is made, or reused when it is there")
+    parser.add_argument(
+        "--dir",
+        default=os.path.join(tempfile.gettempdir(), "seggpt-plan-bench"),
+        help="where the synthetic data is made, or reused when it is there",
+    )
     parser.add_argument("--cold", action="store_true", help="drop labels/ from the page cache before measuring")
     return finish_parser(parser, benchmark_plan)

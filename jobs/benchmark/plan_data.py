@@ -43,8 +43,9 @@ def plan_expected_pending(inputs: int, rows: int) -> list[str]:
     return sorted(plan_key(i, inputs) for i in indices)
 
 
-def synthesise_plan_data(directory: Path, inputs: int, rows: int, mask_bytes: int,
-                         log: Callable[[str], None] = print) -> dict[str, float]:
+def synthesise_plan_data(
+    directory: Path, inputs: int, rows: int, mask_bytes: int, log: Callable[[str], None] = print
+) -> dict[str, float]:
     """`directory/inputs/` (empty .jpg files) and `directory/out/labels/` (rows as the job writes them).
 
     Each part is made once: a marker file (outside both trees) records what it holds, and a rerun with the same
@@ -141,8 +142,9 @@ def _labels_batch(indices: np.ndarray, inputs: int, mask_bytes: int, source_pref
         "width": pa.array(np.full(n, 640, np.int32), mask=error),
         "height": pa.array(np.full(n, 480, np.int32), mask=error),
         "mask": masks,
-        "class_ids": pa.ListArray.from_arrays(list_offsets, pa.array(np.tile(np.arange(classes, dtype=np.int32), n)),
-                                              mask=pa.array(error)),
+        "class_ids": pa.ListArray.from_arrays(
+            list_offsets, pa.array(np.tile(np.arange(classes, dtype=np.int32), n)), mask=pa.array(error)
+        ),
         "pixel_counts": pa.ListArray.from_arrays(list_offsets, pa.array(pixels.astype(np.int64)), mask=pa.array(error)),
         "class_scores": pa.ListArray.from_arrays(list_offsets, pa.array(rng.random(n * classes)), mask=pa.array(error)),
         "score": pa.array(rng.random(n), mask=error),

@@ -37,21 +37,37 @@ def _pool_record(folder: Path, seed: int, args: argparse.Namespace) -> dict:
     task = random_task(rng, args.classes)
     write_pictures(pool, [render(task, rng, (64, 64), presence=args.presence) for _ in range(args.images)])
     classes = tuple(f"class{c}" for c in range(1, args.classes + 1))
-    chosen = select_prompts(str(pool), checkpoint=args.checkpoint, classes=classes, k=args.k,
-                            to=str(folder / f"chosen{seed}"), candidates=args.candidates, seed=seed,
-                            val_fraction=args.val_fraction, log=lambda line: None)
+    chosen = select_prompts(
+        str(pool),
+        checkpoint=args.checkpoint,
+        classes=classes,
+        k=args.k,
+        to=str(folder / f"chosen{seed}"),
+        candidates=args.candidates,
+        seed=seed,
+        val_fraction=args.val_fraction,
+        log=lambda line: None,
+    )
     start = chosen.best_single["key"].removesuffix(".png")
-    tuned = tune({"model": {"checkpoint": args.checkpoint},
-                  "prompt": {"uri": str(pool), "name": start, "classes": list(classes)},
-                  "data": {"uri": str(pool), "val_fraction": args.val_fraction, "seed": seed},
-                  "train": {"steps": args.steps, "lr": args.lr, "log_every": 50, "checkpoint_every": 100},
-                  "output": {"uri": str(folder / f"tuned{seed}")},
-                  "compute": {"cpus_per_worker": os.cpu_count()}}, log=lambda line: None)
-    return {"seed": seed, "chosen": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
-            "best_single": chosen.best_single["mean_iou"], "random": chosen.random["mean_iou"],
-            "tuned_step": tuned.chosen_step,
-            **{f"tuned_{part}_{when}": value for part, scores in tuned.scores.items()
-               for when, value in scores.items()}}
+    tuned = tune(
+        {
+            "model": {"checkpoint": args.checkpoint},
+            "prompt": {"uri": str(pool), "name": start, "classes": list(classes)},
+            "data": {"uri": str(pool), "val_fraction": args.val_fraction, "seed": seed},
+            "train": {"steps": args.steps, "lr": args.lr, "log_every": 50, "checkpoint_every": 100},
+            "output": {"uri": str(folder / f"tuned{seed}")},
+            "compute": {"cpus_per_worker": os.cpu_count()},
+        },
+        log=lambda line: None,
+    )
+    return {
+        "seed": seed,
+        "chosen": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
+        "best_single": chosen.best_single["mean_iou"],
+        "random": chosen.random["mean_iou"],
+        "tuned_step": tuned.chosen_step,
+        **{f"tuned_{part}_{when}": value for part, scores in tuned.scores.items() for when, value in scores.items()},
+    }
 
 
 def benchmark_prompts(args: argparse.Namespace) -> None:
@@ -62,12 +78,15 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
         for seed in range(args.first_seed, args.first_seed + args.pools):
             record = _pool_record(Path(folder), seed, args)
             records.append(record)
-            print(f"pool seed {seed}: chosen {args.k}-set {record['chosen']:.3f}, best single "
-                  f"{record['best_single']:.3f}, random {args.k}-sets {record['random']:.3f}; tuned from the best "
-                  f"single: training "
-                  f"{record['tuned_training_before']:.3f} -> {record['tuned_training_after']:.3f}, validation "
-                  f"{record['tuned_validation_before']:.3f} -> {record['tuned_validation_after']:.3f} (the prompt of "
-                  f"step {record['tuned_step']})", flush=True)
+            print(
+                f"pool seed {seed}: chosen {args.k}-set {record['chosen']:.3f}, best single "
+                f"{record['best_single']:.3f}, random {args.k}-sets {record['random']:.3f}; tuned from the best "
+                f"single: training "
+                f"{record['tuned_training_before']:.3f} -> {record['tuned_training_after']:.3f}, validation "
+                f"{record['tuned_validation_before']:.3f} -> {record['tuned_validation_after']:.3f} (the prompt of "
+                f"step {record['tuned_step']})",
+                flush=True,
+            )
     means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key not in ("seed", "tuned_step")}
     print("mean over pools: " + ", ".join(f"{key} {value:.3f}" for key, value in means.items()))
     write_record(args.json, {"what": "prompts", "args": vars(args), "pools": records, "mean": means})
@@ -75,8 +94,9 @@ def benchmark_prompts(args: argparse.Namespace) -> None:
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `prompts` subcommand."""
-    parser = sub.add_parser("prompts", help="select-prompts and tune on held-out synthetic pools: validation mIoU",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "prompts", help="select-prompts and tune on held-out synthetic pools: validation mIoU", description=__doc__
+    )
     parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT)
     parser.add_argument("--pools", type=int, default=3)
     parser.add_argument("--images", type=int, default=120, help="images per pool")

@@ -23,9 +23,11 @@ def _growth(runs: dict[int, dict], small: int, large: int) -> dict[str, dict[str
         before, after = runs[small][measure], runs[large][measure]
         growth[measure] = {role: after[role] / kib for role, kib in before.items() if role in after and kib}
         worst = max(growth[measure], key=growth[measure].get)
-        print(f"  {title} 10N / N: largest growth {growth[measure][worst]:.2f}x ({worst}); driver "
-              f"{growth[measure].get('driver', float('nan')):.2f}x; sum over processes "
-              f"{sum(after.values()) / sum(before.values()):.2f}x")
+        print(
+            f"  {title} 10N / N: largest growth {growth[measure][worst]:.2f}x ({worst}); driver "
+            f"{growth[measure].get('driver', float('nan')):.2f}x; sum over processes "
+            f"{sum(after.values()) / sum(before.values()):.2f}x"
+        )
     return growth
 
 
@@ -35,8 +37,10 @@ def benchmark_scale(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for images in (args.images, 10 * args.images):
             runs[images] = measured_job(synthetic_job(Path(tmp), args, images))
-            print(f"  {images} images: {runs[images]['seconds']:.1f} s, "
-                  f"{runs[images]['seconds'] / images:.2f} s/image", flush=True)
+            print(
+                f"  {images} images: {runs[images]['seconds']:.1f} s, {runs[images]['seconds'] / images:.2f} s/image",
+                flush=True,
+            )
     print(f"config: {job_description(args)}")
     for images, run in runs.items():
         print(f"  {images:>6} images: {run['seconds'] / images:.3f} s/image ({run['images_per_second']:.3f} images/s)")
@@ -46,6 +50,7 @@ def benchmark_scale(args: argparse.Namespace) -> None:
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `scale` subcommand."""
-    parser = sub.add_parser("scale", help="the whole job at N and 10 N images: time per image, peak memory",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "scale", help="the whole job at N and 10 N images: time per image, peak memory", description=__doc__
+    )
     return finish_parser(job_arguments(parser), benchmark_scale)

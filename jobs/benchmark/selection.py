@@ -29,12 +29,20 @@ def _task_record(root: Path, seed: int, args: argparse.Namespace, classes: list[
     write_pictures(root / "pool", [render(task, rng, (64, 64), presence=args.presence) for _ in range(args.images)])
     (root / "truth").mkdir(parents=True)
     write_pictures(root / "queries", [render(task, rng, (64, 64)) for _ in range(args.queries)], root / "truth")
-    chosen = select_prompts(str(root / "pool"), checkpoint=args.checkpoint, classes=tuple(classes), k=args.k,
-                            to=str(root / "chosen"), seed=seed, log=lambda line: None)
+    chosen = select_prompts(
+        str(root / "pool"),
+        checkpoint=args.checkpoint,
+        classes=tuple(classes),
+        k=args.k,
+        to=str(root / "chosen"),
+        seed=seed,
+        log=lambda line: None,
+    )
 
     def score(prompts: Path, name: str) -> float:
-        return label_and_evaluate(root / "queries", prompts, classes, args.checkpoint, root / f"out-{name}",
-                                  root / "truth").mean_iou
+        return label_and_evaluate(
+            root / "queries", prompts, classes, args.checkpoint, root / f"out-{name}", root / "truth"
+        ).mean_iou
 
     randoms = []
     for draw in range(args.random_draws):
@@ -44,9 +52,15 @@ def _task_record(root: Path, seed: int, args: argparse.Namespace, classes: list[
             for suffix in (".png", ".mask.png"):
                 shutil.copy(root / "pool" / f"img{i:04d}{suffix}", prompts / f"img{i:04d}{suffix}")
         randoms.append(score(prompts, f"random{draw}"))
-    return {"seed": seed, "kept_prompts": len(chosen.names), "validation_images": chosen.counts["validation"],
-            "validation_score": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
-            "written": score(root / "chosen", "chosen"), "random_mean": float(np.mean(randoms)), "random": randoms}
+    return {
+        "seed": seed,
+        "kept_prompts": len(chosen.names),
+        "validation_images": chosen.counts["validation"],
+        "validation_score": chosen.steps[chosen.kept["step"] - 1]["mean_iou"],
+        "written": score(root / "chosen", "chosen"),
+        "random_mean": float(np.mean(randoms)),
+        "random": randoms,
+    }
 
 
 def benchmark_select(args: argparse.Namespace) -> None:
@@ -59,22 +73,30 @@ def benchmark_select(args: argparse.Namespace) -> None:
         for seed in range(args.first_seed, args.first_seed + args.tasks):
             record = _task_record(Path(folder) / f"task{seed}", seed, args, classes)
             records.append(record)
-            print(f"task seed {seed}: written set ({record['kept_prompts']} prompts, validation "
-                  f"{record['validation_score']:.3f} on {record['validation_images']} images) {record['written']:.3f} "
-                  f"on {args.queries} held-out queries; random {args.k}-sets {record['random_mean']:.3f} "
-                  f"({', '.join(f'{r:.3f}' for r in record['random'])})", flush=True)
+            print(
+                f"task seed {seed}: written set ({record['kept_prompts']} prompts, validation "
+                f"{record['validation_score']:.3f} on {record['validation_images']} images) {record['written']:.3f} "
+                f"on {args.queries} held-out queries; random {args.k}-sets {record['random_mean']:.3f} "
+                f"({', '.join(f'{r:.3f}' for r in record['random'])})",
+                flush=True,
+            )
     written, random = (float(np.mean([r[key] for r in records])) for key in ("written", "random_mean"))
     wins = sum(r["written"] >= r["random_mean"] for r in records)
-    print(f"over {args.tasks} tasks: written set {written:.3f}, random {args.k}-sets {random:.3f}; the written set "
-          f"at least the random mean in {wins} of {args.tasks}")
-    write_record(args.json, {"what": "select", "args": vars(args), "tasks": records,
-                             "mean": {"written": written, "random": random}})
+    print(
+        f"over {args.tasks} tasks: written set {written:.3f}, random {args.k}-sets {random:.3f}; the written set "
+        f"at least the random mean in {wins} of {args.tasks}"
+    )
+    write_record(
+        args.json,
+        {"what": "select", "args": vars(args), "tasks": records, "mean": {"written": written, "random": random}},
+    )
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The `select` subcommand."""
-    parser = sub.add_parser("select", help="select-prompts' written set vs random K-sets, through the whole job",
-                            description=__doc__)
+    parser = sub.add_parser(
+        "select", help="select-prompts' written set vs random K-sets, through the whole job", description=__doc__
+    )
     parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT)
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--images", type=int, default=20, help="images per pool")

@@ -1,8 +1,8 @@
 """Rebuild the demo bundle: `python -m jobs.demo.build [--checkpoint DIR]` writes images/, truth/, prompts/ and
 classes.json beside this file, and copies a trained checkpoint (`config.json` + `model.safetensors`) into checkpoint/.
 
-The sample is one synthetic task (`pipeline.training.synthetic`) drawn from a seed that training never uses: two prompts and
-twelve images of its two classes, with the label maps of the images as ground truth (`truth/<name>.png`).
+The sample is one synthetic task (`pipeline.training.synthetic`) drawn from a seed that training never uses: two
+prompts and twelve images of its two classes, with the label maps of the images as ground truth (`truth/<name>.png`).
 """
 
 from __future__ import annotations

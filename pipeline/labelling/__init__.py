@@ -1,7 +1,8 @@
 """The labelling job: plan the work (listing, resume index), run the stages (read, preprocess, infer,
-postprocess, write) on Ray Data; its config (`config`)."""
+postprocess, write) on Ray Data; its config (`config`) and the compute it settles on (`compute`)."""
 
+from pipeline.labelling.compute import resolve_compute
 from pipeline.labelling.config import InputConfig, JobConfig, load_config
-from pipeline.labelling.job import autolabel, dry_run, plan, resolve_compute
+from pipeline.labelling.job import autolabel, dry_run, plan
 
 __all__ = ["InputConfig", "JobConfig", "autolabel", "dry_run", "load_config", "plan", "resolve_compute"]

@@ -9,8 +9,21 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import NonNegativeFloat, PositiveInt, field_validator
 
-from pipeline.config import LIST_AS_TUPLE, Config, ConfigSource, Format, Gpus, Location, Locations, ModelConfig
-from pipeline.config import Section, StorageConfig, Text, describe, load
+from pipeline.config import (
+    LIST_AS_TUPLE,
+    Config,
+    ConfigSource,
+    Format,
+    Gpus,
+    Location,
+    Locations,
+    ModelConfig,
+    Section,
+    StorageConfig,
+    Text,
+    describe,
+    load,
+)
 from pipeline.labelling.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.prompts import PromptsConfig
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from model import load_model
-from model.seggpt import Attention
 from model.processing import class_scores, masks_to_class_ids, normalize
+from model.seggpt import Attention
 from pipeline.prompts import PromptSet
-from pipeline.storage.retry import Retry, StorageUnavailable
 from pipeline.storage.output import RAN_COLUMNS
+from pipeline.storage.retry import Retry, StorageUnavailable
 
 
 class SegGptPredictor:

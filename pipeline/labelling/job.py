@@ -3,7 +3,7 @@
 Everything that can refuse a run is checked before the output is touched: config, prompt set, checkpoint
 and the input listing (in `plan`, before Ray starts), the output's lease and, on a resume, the model,
 settings and prompt set that made the labels already there (in `autolabel`, once Ray is joined, since the
-settings `auto` settles on depend on the cluster's GPUs: see `resolve_compute`).
+settings `auto` settles on depend on the cluster's GPUs: see `pipeline.labelling.compute`).
 
 Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.retry.Retry` of
 `storage.retry_s`; past it the job raises `StorageUnavailable` naming the URI (reads: an error row instead),
@@ -18,38 +18,46 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-import torch
 
-from model import SegGptConfig, auto_attention, check_checkpoint, load_model
+from model import SegGptConfig, check_checkpoint, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
-from pipeline.labelling.config import ComputeConfig, JobConfig, load_config
+from pipeline.labelling.compute import Compute, resolve_compute
+from pipeline.labelling.config import JobConfig, load_config
 from pipeline.labelling.infer import SegGptPredictor
+from pipeline.labelling.plan import (
+    LabelsIndex,
+    clean_labels,
+    count_inputs,
+    done_keys,
+    foreign_labels,
+    pending_inputs,
+    read_index,
+    shard_images,
+    shard_of,
+)
 from pipeline.labelling.postprocess import postprocess
 from pipeline.labelling.preprocess import preprocess
-from pipeline.prompts import PromptSet, load_prompt_set
-from pipeline.storage.output import OutputError
-from pipeline.storage.lease import OutputLease
-from pipeline.storage.formats import read_inputs
-from pipeline.storage.listing import list_inputs
-from pipeline.labelling.plan import LabelsIndex, clean_labels, count_inputs, done_keys, foreign_labels, pending_inputs
-from pipeline.labelling.plan import read_index, shard_images, shard_of
-from pipeline.storage.retry import Retry, storage_failure
-from pipeline.storage.output import RAN_COLUMNS, prepare_output, read_job_file, write_job_files
 from pipeline.labelling.write import LabelWriter
+from pipeline.prompts import PromptSet, load_prompt_set
+from pipeline.storage.formats import read_inputs
+from pipeline.storage.lease import OutputLease
+from pipeline.storage.listing import list_inputs
+from pipeline.storage.output import RAN_COLUMNS, OutputError, prepare_output, read_job_file, write_job_files
+from pipeline.storage.retry import Retry, storage_failure
 
 # The writers wait on storage: they hold no CPU, so that they never keep a CPU task (compute.cpus_per_task) or
 # the model from a node, and they are not fused with postprocess, which then scales in tasks of its own.
 _WRITER_CPUS = 0.0
-_GPU_POLL_S = 0.5  # how often a wait for a GPU node looks at the cluster
 
 
 @dataclass(frozen=True)
@@ -61,20 +69,6 @@ class Plan:
     model_config: SegGptConfig
     model_fingerprint: str  # of the checkpoint; a row's `model` is `label_fingerprint` of it and the settings
     inputs: pa.Table  # pipeline.storage.listing.LISTING_SCHEMA
-
-
-@dataclass(frozen=True)
-class Compute:
-    """How the model actors run, `auto` settled against the cluster (`resolve_compute`), and why."""
-
-    gpus_per_actor: float
-    dtype: str
-    attention: str
-    reason: str
-
-    def __str__(self) -> str:
-        gpus = f"{self.gpus_per_actor:g} GPU per model actor" if self.gpus_per_actor else "no GPU (CPU model actors)"
-        return f"{gpus}, {self.dtype}, {self.attention} attention: {self.reason}"
 
 
 @dataclass
@@ -131,14 +125,17 @@ def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | No
     config, retry = job.config, Retry(job.config.storage.retry_s)
     compute = compute or resolve_compute(config)
     work = pending_inputs(job.inputs, pa.array([], pa.string())) if work is None else work
-    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options,
-                     retry=retry)
+    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options, retry=retry)
     # Preprocess runs in tasks of its own, as many as the CPUs allow (never fused into the model's actors, whose
     # runtime environment differs).
     ds = ds.map_batches(
         preprocess,
-        fn_kwargs={"size": job.model_config.input_size, "exif_transpose": config.input.exif_transpose,
-                   "jpeg_draft": config.input.jpeg_draft, "max_pixels": config.input.max_pixels},
+        fn_kwargs={
+            "size": job.model_config.input_size,
+            "exif_transpose": config.input.exif_transpose,
+            "jpeg_draft": config.input.jpeg_draft,
+            "max_pixels": config.input.max_pixels,
+        },
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         num_cpus=config.compute.cpus_per_task,
@@ -146,8 +143,12 @@ def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | No
     ds = ds.map_batches(
         SegGptPredictor,
         fn_constructor_args=(config.model.checkpoint, job.prompts),  # by value: see SegGptPredictor
-        fn_constructor_kwargs={"dtype": compute.dtype, "attention": compute.attention,
-                               "storage_options": config.storage_options, "retry": retry},
+        fn_constructor_kwargs={
+            "dtype": compute.dtype,
+            "attention": compute.attention,
+            "storage_options": config.storage_options,
+            "retry": retry,
+        },
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=config.compute.actors[0], max_size=config.compute.actors[1]),
@@ -159,8 +160,11 @@ def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | No
     )
     return ds.map_batches(
         postprocess,
-        fn_kwargs={"palette": job.prompts.palette, "model": label_fingerprint(job, compute),
-                   "prompt_set": job.prompts.fingerprint},
+        fn_kwargs={
+            "palette": job.prompts.palette,
+            "model": label_fingerprint(job, compute),
+            "prompt_set": job.prompts.fingerprint,
+        },
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         num_cpus=config.compute.cpus_per_task,
@@ -199,8 +203,10 @@ def autolabel(
             _refuse_foreign_labels(index, model, prompt_set, output.uri, _made_with(job, compute, runs))
         work, summary.skipped = _pending_work(job, index, model)
         lease.retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
-        log(f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
-            f"{work.num_rows} files or shards to read")
+        log(
+            f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
+            f"{work.num_rows} files or shards to read"
+        )
         log(f"compute: {compute}")
 
         _set_data_context()
@@ -215,8 +221,9 @@ def autolabel(
         info = _job_info(job, compute, summary, started, runs, completed=False)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
         _drain(ds, summary, log, progress_every_s)
-        after = lease.retry(lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set),
-                            output.uri)
+        after = lease.retry(
+            lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set), output.uri
+        )
         summary.added = _added(index["key"], after)
         info = _job_info(job, compute, summary, started, runs, completed=True)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
@@ -273,8 +280,11 @@ def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: st
         top = foreign[0]
         more = f" (and {len(foreign) - 1} other model/prompt-set pairs)" if len(foreign) > 1 else ""
         unknown = "labelled before the settings were part of the model fingerprint, or by another output's run"
-        models = (f" (model {top['model']}: {made_with.get(top['model'], unknown)}; model {model}: {made_with[model]})"
-                  if top["model"] != model else "")
+        models = (
+            f" (model {top['model']}: {made_with.get(top['model'], unknown)}; model {model}: {made_with[model]})"
+            if top["model"] != model
+            else ""
+        )
         raise OutputError(
             f"output.uri {uri}: {top['rows']} labels there were made by model {top['model']} with prompt set "
             f"{top['prompt_set']}{more}, this run has model {model} with prompt set {prompt_set}{models}; set "
@@ -284,8 +294,9 @@ def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: st
 
 def _made_with(job: Plan, compute: Compute, runs: list[dict[str, Any]]) -> dict[str, str]:
     """What each model fingerprint of this run and of the output's earlier runs stands for: checkpoint and settings."""
-    made = [(run["model_fingerprint"], run["checkpoint_fingerprint"], run["settings"])
-            for run in runs if "settings" in run]
+    made = [
+        (run["model_fingerprint"], run["checkpoint_fingerprint"], run["settings"]) for run in runs if "settings" in run
+    ]
     made.append((label_fingerprint(job, compute), job.model_fingerprint, label_settings(job.config, compute)))
     return {model: f"checkpoint {checkpoint}, {_settings_text(settings)}" for model, checkpoint, settings in made}
 
@@ -304,66 +315,28 @@ def _added(keys_before: pa.ChunkedArray, after: LabelsIndex) -> int:
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
     job = plan(config, overrides)
-    checkpoint, options, retry = job.config.model.checkpoint, job.config.storage_options, Retry(job.config.storage.retry_s)
+    checkpoint, options, retry = (
+        job.config.model.checkpoint,
+        job.config.storage_options,
+        Retry(job.config.storage.retry_s),
+    )
     retry(lambda: load_model(checkpoint, storage_options=options), checkpoint)
     counted = count_inputs(job.inputs, job.config.input.image_column, options, retry=retry)
-    return {"inputs": dataclasses.asdict(counted), "prompts": list(job.prompts.names), "classes": list(job.prompts.classes)}
-
-
-def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)  # RAY_ADDRESS, a running cluster, or a new one
-
-
-def resolve_compute(config: JobConfig, log: Callable[[str], None] = print) -> Compute:
-    """Settle `auto` in compute.gpus_per_actor, model.dtype and model.attention against the cluster (joined or
-    started here): one GPU per model actor and bfloat16 where the cluster has GPUs, where its autoscaler has GPU node
-    types, or where a GPU node joins within compute.gpu_wait_s (`log` says it waits); else the CPU and float32. The
-    attention is the model's `auto_attention` for that device and dtype."""
-    _init_ray()
-    gpus, reason = _gpus_per_actor(config.compute, log)
-    dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if gpus else "float32")
-    # The model's own `auto`, settled here so that the rows can say it.
-    attention = (config.model.attention if config.model.attention != "auto"
-                 else auto_attention("cuda" if gpus else "cpu", getattr(torch, dtype)))
-    return Compute(gpus, dtype, attention, reason)
-
-
-def _gpus_per_actor(compute: ComputeConfig, log: Callable[[str], None]) -> tuple[float, str]:
-    """compute.gpus_per_actor with `auto` settled, and why."""
-    if compute.gpus_per_actor != "auto":
-        return float(compute.gpus_per_actor), "compute.gpus_per_actor is set"
-    if gpus := ray.cluster_resources().get("GPU", 0):
-        return 1.0, f"the cluster has GPUs ({gpus:g})"
-    if node_types := _gpu_node_types():
-        return 1.0, (f"the cluster has no GPU yet, and its autoscaler has GPU node types ({', '.join(node_types)}): "
-                     f"the model actors' demand starts them")
-    if compute.gpu_wait_s:
-        log(f"compute: waiting up to {compute.gpu_wait_s:g} s for a GPU node to join (compute.gpu_wait_s)")
-        start = time.monotonic()
-        while time.monotonic() - start < compute.gpu_wait_s:
-            time.sleep(min(_GPU_POLL_S, max(0.0, start + compute.gpu_wait_s - time.monotonic())))
-            if ray.cluster_resources().get("GPU", 0):
-                return 1.0, f"a GPU node joined after {time.monotonic() - start:.1f} s"
-    return 0.0, (f"the cluster has no GPUs, its autoscaler reports no GPU node types, and none joined within "
-                 f"compute.gpu_wait_s ({compute.gpu_wait_s:g} s)")
-
-
-def _gpu_node_types() -> list[str]:
-    """The node types with GPUs that the cluster's autoscaler can start, as it reports them to Ray (the autoscaling
-    cluster config that Ray Data and Ray Train read too; Ray's own launcher and KubeRay do not report one as of Ray
-    2.60, so there the config sets compute.gpus_per_actor)."""
-    from ray._private.state import state
-
-    config = state.get_cluster_config()
-    groups = config.node_group_configs if config else []
-    return [group.name for group in groups if group.resources.get("GPU", 0) > 0 and group.max_count != 0]
+    return {
+        "inputs": dataclasses.asdict(counted),
+        "prompts": list(job.prompts.names),
+        "classes": list(job.prompts.classes),
+    }
 
 
 def label_settings(config: JobConfig, compute: Compute) -> dict[str, Any]:
     """The settings that change a label's pixels, as this run makes them."""
-    return {"dtype": compute.dtype, "attention": compute.attention, "exif_transpose": config.input.exif_transpose,
-            "jpeg_draft": config.input.jpeg_draft}
+    return {
+        "dtype": compute.dtype,
+        "attention": compute.attention,
+        "exif_transpose": config.input.exif_transpose,
+        "jpeg_draft": config.input.jpeg_draft,
+    }
 
 
 def label_fingerprint(job: Plan, compute: Compute) -> str:
@@ -425,8 +398,12 @@ def _job_info(
         "palette": job.prompts.palette.tolist(),
         "prompts": list(job.prompts.names),
         "prompt_kinds": dict(zip(job.prompts.names, job.prompts.kinds)),  # "pair" or "tuned" (a tuned prompt file)
-        "versions": {"torch": torch.__version__, "ray": ray.__version__, "numpy": numpy.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "numpy": numpy.__version__,
+            "python": sys.version.split()[0],
+        },
         **run,
         "runs": [*runs, run],
     }

@@ -106,8 +106,10 @@ def count_inputs(
 
     def count_shard(shard: dict[str, str]) -> tuple[int, int]:
         try:
-            names = retry(lambda: shard_image_names(shard["source"], shard["kind"], image_column, storage_options),
-                          shard["source"])
+            names = retry(
+                lambda: shard_image_names(shard["source"], shard["kind"], image_column, storage_options),
+                shard["source"],
+            )
         except Exception:
             return 1, 0
         return len(names), sum(f"{shard['key']}/{name}" in done_members for name in names)
@@ -168,8 +170,10 @@ def _read_file_index(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
 
 def _index_rows(table: pa.Table) -> pa.Table:
     """The index columns of labels rows; columns that files written before they existed lack are null."""
-    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
-               for name, field in zip(INDEX_COLUMNS, _INDEX_SCHEMA)]
+    columns = [
+        table[name] if name in table.column_names else pa.nulls(table.num_rows, field.type)
+        for name, field in zip(INDEX_COLUMNS, _INDEX_SCHEMA)
+    ]
     return pa.Table.from_arrays(columns, schema=_INDEX_SCHEMA)
 
 
@@ -210,8 +214,14 @@ def clean_labels(
     table = table.append_column("not_ok", pc.not_equal(table["status"], "ok"))
     table = table.append_column("not_here", pc.invert(pc.fill_null(made_here, False)))
     order = table.sort_by(
-        [("key", "ascending"), ("not_ok", "ascending"), ("not_here", "ascending"),
-         ("labeled_at", "descending"), ("file", "descending"), ("row", "descending")]
+        [
+            ("key", "ascending"),
+            ("not_ok", "ascending"),
+            ("not_here", "ascending"),
+            ("labeled_at", "descending"),
+            ("file", "descending"),
+            ("row", "descending"),
+        ]
     )
     keys = order["key"].combine_chunks()
     first = np.ones(len(keys), dtype=bool)
@@ -239,4 +249,3 @@ def clean_labels(
         list(pool.map(fs.rm_file, doomed))
     files = {path: rows for path, rows in index.files.items() if path not in lost_rows}
     return LabelsIndex({**files, **written})
-

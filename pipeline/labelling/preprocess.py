@@ -10,7 +10,6 @@ from PIL import Image, ImageOps
 
 from model.processing import prepare_image
 
-
 DEFAULT_MAX_PIXELS = 100_000_000  # input.max_pixels: 300 MB of RGB to decode one image
 
 

@@ -26,6 +26,7 @@ Layout under the output URI::
 
 from __future__ import annotations
 
+import functools
 import posixpath
 from typing import Any
 
@@ -36,13 +37,24 @@ import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.storage.output import (
-    LABELS_DIR, LABELS_SCHEMA, MASKS_DIR, RAN_COLUMNS, key_path, labels_file_name, parquet_bytes, write_atomically,
+    LABELS_DIR,
+    LABELS_SCHEMA,
+    MASKS_DIR,
+    RAN_COLUMNS,
+    key_path,
+    labels_file_name,
+    parquet_bytes,
+    write_atomically,
 )
 from pipeline.storage.retry import Retry
 
 WRITE_RESULT_SCHEMA = pa.schema(  # one row per labels file written and what its rows ran with (null: not said)
-    [pa.field("file", pa.string()), pa.field("rows", pa.int64()), pa.field("ok", pa.int64()),
-     *(pa.field(name, pa.string()) for name in RAN_COLUMNS)]
+    [
+        pa.field("file", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("ok", pa.int64()),
+        *(pa.field(name, pa.string()) for name in RAN_COLUMNS),
+    ]
 )
 
 
@@ -72,7 +84,9 @@ class LabelWriter:
             if part.num_rows:
                 name, data = labels_file_name(part["key"].to_pylist()), parquet_bytes(part)
                 path = f"{self.root}/{LABELS_DIR}/{name}"
-                self.retry(lambda: write_atomically(self.fs, self.root, path, data), self.fs.unstrip_protocol(path))
+                self.retry(
+                    functools.partial(write_atomically, self.fs, self.root, path, data), self.fs.unstrip_protocol(path)
+                )
                 for ran, rows in _ran_counts(batch.filter(selected)):
                     written.append({"file": name, "rows": rows, "ok": rows if status == "ok" else 0, **ran})
         return pa.Table.from_pylist(written, schema=WRITE_RESULT_SCHEMA)
@@ -98,8 +112,9 @@ class LabelWriter:
 
 def _ran_counts(rows: pa.Table) -> list[tuple[dict[str, str | None], int]]:
     """The `RAN_COLUMNS` values of `rows` (null where the rows do not say) and how many rows have each."""
-    said = {name: rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, pa.string())
-            for name in RAN_COLUMNS}
+    said = {
+        name: rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, pa.string()) for name in RAN_COLUMNS
+    }
     groups = pa.table({**said, "key": rows["key"]}).group_by(list(RAN_COLUMNS)).aggregate([("key", "count")])
     return [({name: group[name] for name in RAN_COLUMNS}, group["key_count"]) for group in groups.to_pylist()]
 
@@ -127,5 +142,3 @@ def _cast(column: pa.ChunkedArray, field: pa.Field) -> pa.ChunkedArray:
 
 def _python(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
-
-

@@ -6,5 +6,14 @@ from pipeline.prompts.select import SelectionError, select_prompts
 from pipeline.prompts.sets import PromptSet, PromptSetError, load_prompt_set
 from pipeline.prompts.tune import tune
 
-__all__ = ["PromptSet", "PromptSetError", "PromptsConfig", "SelectionError", "TuneConfig", "load_prompt_set",
-           "load_tune_config", "select_prompts", "tune"]
+__all__ = [
+    "PromptSet",
+    "PromptSetError",
+    "PromptsConfig",
+    "SelectionError",
+    "TuneConfig",
+    "load_prompt_set",
+    "load_tune_config",
+    "select_prompts",
+    "tune",
+]

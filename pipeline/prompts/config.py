@@ -7,8 +7,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import NonNegativeFloat, PositiveInt, field_validator
 
-from pipeline.config import LIST_AS_TUPLE, Config, ConfigSource, Location, Locations, ModelConfig, Section, Text
-from pipeline.config import describe, load
+from pipeline.config import (
+    LIST_AS_TUPLE,
+    Config,
+    ConfigSource,
+    Location,
+    Locations,
+    ModelConfig,
+    Section,
+    Text,
+    describe,
+    load,
+)
 from pipeline.training import LabelledDataConfig, TrainComputeConfig, TrainOutputConfig
 
 

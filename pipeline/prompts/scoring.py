@@ -47,56 +47,89 @@ def split_rows(rows: ray.data.Dataset, fraction: float, seed: int, num_labels: i
     by `validation_bound`) and `present` (uint8 (num_labels,): 1 where a class occurs)."""
     keys = [row["key"] for row in rows.select_columns(["key"]).iter_rows()]
     bound = validation_bound(keys, fraction, seed)
-    return rows.map_batches(_split, batch_size=None, batch_format="numpy", num_cpus=0.5,
-                            fn_kwargs={"bound": bound, "seed": seed, "num_labels": num_labels})
+    return rows.map_batches(
+        _split,
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=0.5,
+        fn_kwargs={"bound": bound, "seed": seed, "num_labels": num_labels},
+    )
 
 
 def _split(batch: dict[str, np.ndarray], *, bound: float, seed: int, num_labels: int) -> dict[str, np.ndarray]:
     labels = batch["labels"].reshape(len(batch["key"]), -1)
     batch["validation"] = in_validation(batch["key"], bound, seed)
-    batch["present"] = np.stack([np.bincount(row, minlength=num_labels)[:num_labels] > 0 for row in labels]
-                                ).astype(np.uint8) if len(labels) else np.zeros((0, num_labels), np.uint8)
+    batch["present"] = (
+        np.stack([np.bincount(row, minlength=num_labels)[:num_labels] > 0 for row in labels]).astype(np.uint8)
+        if len(labels)
+        else np.zeros((0, num_labels), np.uint8)
+    )
     return batch
 
 
 def scores(evaluation: Evaluation) -> dict[str, Any]:
     """A set's score as the reports write it: mean IoU, its 95% bootstrap interval over the images, IoU per class
     (None where it is in neither), images."""
-    return {"mean_iou": evaluation.mean_iou, "interval": list(evaluation.interval()),
-            "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])), "images": evaluation.compared}
+    return {
+        "mean_iou": evaluation.mean_iou,
+        "interval": list(evaluation.interval()),
+        "iou": dict(zip(evaluation.classes[1:], evaluation.iou[1:])),
+        "images": evaluation.compared,
+    }
 
 
 def prompt_tensors(images: np.ndarray, labels: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (P, H, W, 3) and label maps (P, H, W) -> normalised float32 (P, 3, H, W) image and mask arrays,
     the mask painted with the class palette (what the labelling job makes of a prompt folder of these)."""
     painted = build_palette(num_labels - 1)[labels]
-    return (normalize(torch.from_numpy(np.ascontiguousarray(images))).numpy(),
-            normalize(torch.from_numpy(np.ascontiguousarray(painted))).numpy())
+    return (
+        normalize(torch.from_numpy(np.ascontiguousarray(images))).numpy(),
+        normalize(torch.from_numpy(np.ascontiguousarray(painted))).numpy(),
+    )
 
 
 class PromptScorer:
     """Ray actors (one CPU, or one GPU where the cluster has them) that hold the model and an array of prompts, and
     score prompt sets on blocks of `split_rows` rows: the training or the validation part, usable rows only."""
 
-    def __init__(self, checkpoint: str, prompts: tuple[np.ndarray, np.ndarray], *, classes: tuple[str, ...],
-                 embedding: str, storage_options: dict[str, Any], actors: int = 1) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        prompts: tuple[np.ndarray, np.ndarray],
+        *,
+        classes: tuple[str, ...],
+        embedding: str,
+        storage_options: dict[str, Any],
+        actors: int = 1,
+    ) -> None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor = ray.remote(_Scorer).options(num_cpus=1, num_gpus=gpus)
         shared = ray.put(prompts)
         self.classes = ("background", *classes)
-        self.actors = [actor.remote(checkpoint, shared, num_labels=len(self.classes), embedding=embedding,
-                                    dtype="bfloat16" if gpus else "float32", storage_options=storage_options)
-                       for _ in range(actors)]
+        self.actors = [
+            actor.remote(
+                checkpoint,
+                shared,
+                num_labels=len(self.classes),
+                embedding=embedding,
+                dtype="bfloat16" if gpus else "float32",
+                storage_options=storage_options,
+            )
+            for _ in range(actors)
+        ]
 
     def score(self, blocks: list[ray.ObjectRef], sets: list[list[int]], *, validation: bool) -> list[Evaluation]:
         """One `Evaluation` per set (a list of prompt indices) over the usable rows of `blocks` in that part."""
-        results = ray.get([self.actors[i % len(self.actors)].score.remote(block, sets, validation)
-                           for i, block in enumerate(blocks)])
+        results = ray.get(
+            [self.actors[i % len(self.actors)].score.remote(block, sets, validation) for i, block in enumerate(blocks)]
+        )
         keys = np.concatenate([keys for keys, _ in results])
         counts = np.concatenate([counts for _, counts in results], axis=1)  # (S, images, 3, C)
         order = np.argsort(keys, kind="stable")  # blocks come in no fixed order
-        return [Evaluation.of(list(self.classes), dict(zip(keys[order].tolist(), per_set[order])),
-                              compared=len(keys)) for per_set in counts]
+        return [
+            Evaluation.of(list(self.classes), dict(zip(keys[order].tolist(), per_set[order])), compared=len(keys))
+            for per_set in counts
+        ]
 
     def close(self) -> None:
         for actor in self.actors:
@@ -104,19 +137,29 @@ class PromptScorer:
 
 
 class _Scorer:
-    def __init__(self, checkpoint: str, prompts: tuple[np.ndarray, np.ndarray], *, num_labels: int, embedding: str,
-                 dtype: str, storage_options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        prompts: tuple[np.ndarray, np.ndarray],
+        *,
+        num_labels: int,
+        embedding: str,
+        dtype: str,
+        storage_options: dict[str, Any],
+    ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(checkpoint, dtype=dtype, device=self.device, storage_options=storage_options)
         self.dtype = self.model.pos_embed.dtype
-        self.prompt_images, self.prompt_masks = (torch.tensor(part, device=self.device, dtype=self.dtype)
-                                                 for part in prompts)
+        self.prompt_images, self.prompt_masks = (
+            torch.tensor(part, device=self.device, dtype=self.dtype) for part in prompts
+        )
         self.num_labels, self.embedding = num_labels, embedding
         self.palette = torch.from_numpy(build_palette(num_labels - 1)).to(self.device)
 
     @torch.inference_mode()
-    def score(self, block: dict[str, np.ndarray], sets: list[list[int]], validation: bool,
-              batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def score(
+        self, block: dict[str, np.ndarray], sets: list[list[int]], validation: bool, batch_size: int = 8
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The keys of the usable rows in that part, and their `overlap` counts per set: (S, rows, 3, C)."""
         rows = np.flatnonzero((block["error"] == "") & (block["validation"] == validation))
         counts = np.zeros((len(sets), len(rows), 3, self.num_labels), np.int64)
@@ -127,10 +170,13 @@ class _Scorer:
             truth = block["labels"][chosen]
             for s, members in enumerate(sets):
                 k = len(members)
-                pred = self.model.predict(pixels.repeat_interleave(k, dim=0),
-                                          self.prompt_images[members].repeat(n, 1, 1, 1),
-                                          self.prompt_masks[members].repeat(n, 1, 1, 1),
-                                          num_prompts=k, embedding_type=self.embedding)
+                pred = self.model.predict(
+                    pixels.repeat_interleave(k, dim=0),
+                    self.prompt_images[members].repeat(n, 1, 1, 1),
+                    self.prompt_masks[members].repeat(n, 1, 1, 1),
+                    num_prompts=k,
+                    embedding_type=self.embedding,
+                )
                 ids, _ = masks_to_class_ids(pred, self.palette)
                 counts[s, start : start + n] = overlap(truth, ids.cpu().numpy(), self.num_labels)
         return block["key"][rows].astype(str), counts

@@ -59,7 +59,7 @@ class PromptSet:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """"pair" or "tuned", for each of `names`."""
+        """ "pair" or "tuned", for each of `names`."""
         return ("pair",) * len(self.images) + ("tuned",) * len(self.tuned_images)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,16 +89,19 @@ def load_prompt_set(
     else:
         pairs, tuned = _folder_pairs(fs, path, uri)
     if not pairs and not tuned:
-        raise PromptSetError(f"prompts.uri {uri}: no prompts (an image NAME.jpg with its mask NAME.png, or a tuned "
-                             f"NAME{TUNED_EXTENSION})")
+        raise PromptSetError(
+            f"prompts.uri {uri}: no prompts (an image NAME.jpg with its mask NAME.png, or a tuned "
+            f"NAME{TUNED_EXTENSION})"
+        )
     palette = build_palette(len(classes))
     digest = hashlib.sha256(json.dumps([classes, mask_format, embedding]).encode())
     names, images, masks = [], [], []
     for name, image_path, mask_path in pairs:
         image_bytes, mask_bytes = _read(fs, image_path), _read(fs, mask_path)
         digest.update(hashlib.sha256(image_bytes).digest() + hashlib.sha256(mask_bytes).digest())
-        image, mask = _prepared_pair(image_bytes, image_path, mask_bytes, mask_path, size=size, palette=palette,
-                                     mask_format=mask_format)
+        image, mask = _prepared_pair(
+            image_bytes, image_path, mask_bytes, mask_path, size=size, palette=palette, mask_format=mask_format
+        )
         names.append(name)
         images.append(image)
         masks.append(mask)
@@ -106,8 +109,9 @@ def load_prompt_set(
     for name, tuned_path in tuned:
         data = _read(fs, tuned_path)
         digest.update(hashlib.sha256(data).digest())
-        image, mask = read_tuned_prompt(data, fs.unstrip_protocol(tuned_path), classes=classes, embedding=embedding,
-                                        size=size)
+        image, mask = read_tuned_prompt(
+            data, fs.unstrip_protocol(tuned_path), classes=classes, embedding=embedding, size=size
+        )
         names.append(name)
         tuned_images.append(image)
         tuned_masks.append(mask)
@@ -124,17 +128,33 @@ def load_prompt_set(
     )
 
 
-def _prepared_pair(image_bytes: bytes, image_path: str, mask_bytes: bytes, mask_path: str, *, size: tuple[int, int],
-                   palette: np.ndarray, mask_format: str) -> tuple[np.ndarray, np.ndarray]:
+def _prepared_pair(
+    image_bytes: bytes,
+    image_path: str,
+    mask_bytes: bytes,
+    mask_path: str,
+    *,
+    size: tuple[int, int],
+    palette: np.ndarray,
+    mask_format: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """A prompt's image and its mask painted in the palette's colours, both (H, W, 3) uint8 at `size`."""
     image = ImageOps.exif_transpose(_open(image_bytes, image_path))
     mask = _open(mask_bytes, mask_path)
     try:
         if mask_format == "rgb":
             mask = _rgb_to_labels(np.asarray(mask.convert("RGB")), palette, mask_path)
-        return (prepare_image(image, size, exif_transpose=False, name=image_path),
-                prepare_mask(mask, size, mask_format="labels", num_labels=len(palette) - 1,
-                             image_size=(image.height, image.width), name=mask_path))
+        return (
+            prepare_image(image, size, exif_transpose=False, name=image_path),
+            prepare_mask(
+                mask,
+                size,
+                mask_format="labels",
+                num_labels=len(palette) - 1,
+                image_size=(image.height, image.width),
+                name=mask_path,
+            ),
+        )
     except ValueError as error:
         raise PromptSetError(str(error)) from error
 
@@ -161,29 +181,40 @@ def _manifest_pairs(fs: fsspec.AbstractFileSystem, path: str, uri: str):
     pairs, tuned = [], []
     for i, entry in enumerate(entries):
         if isinstance(entry, dict) and set(entry) == {"tuned"}:
-            tuned.append((posixpath.splitext(str(entry["tuned"]))[0],
-                          posixpath.normpath(posixpath.join(folder, str(entry["tuned"])))))
+            tuned.append(
+                (
+                    posixpath.splitext(str(entry["tuned"]))[0],
+                    posixpath.normpath(posixpath.join(folder, str(entry["tuned"]))),
+                )
+            )
             continue
         if not isinstance(entry, dict) or set(entry) != {"image", "mask"}:
-            raise PromptSetError(f"{uri}: entry {i} must have exactly the keys 'image' and 'mask' (or 'tuned'), "
-                                 f"got {entry!r}")
+            raise PromptSetError(
+                f"{uri}: entry {i} must have exactly the keys 'image' and 'mask' (or 'tuned'), got {entry!r}"
+            )
         image, mask = (posixpath.normpath(posixpath.join(folder, str(entry[k]))) for k in ("image", "mask"))
         pairs.append((posixpath.splitext(str(entry["image"]))[0], image, mask))
     return pairs, tuned
 
 
-def tuned_prompt_bytes(image: torch.Tensor, mask: torch.Tensor, *, classes: tuple[str, ...], embedding: str,
-                       **notes: Any) -> bytes:
+def tuned_prompt_bytes(
+    image: torch.Tensor, mask: torch.Tensor, *, classes: tuple[str, ...], embedding: str, **notes: Any
+) -> bytes:
     """A tuned prompt file: the (3, H, W) normalised image and mask, and what they were tuned for (+ `notes`)."""
-    metadata = {"format": _TUNED_FORMAT, "classes": json.dumps(list(classes)),
-                "palette": json.dumps(build_palette(len(classes)).tolist()), "embedding": embedding,
-                **{key: json.dumps(value) for key, value in notes.items()}}
+    metadata = {
+        "format": _TUNED_FORMAT,
+        "classes": json.dumps(list(classes)),
+        "palette": json.dumps(build_palette(len(classes)).tolist()),
+        "embedding": embedding,
+        **{key: json.dumps(value) for key, value in notes.items()},
+    }
     tensors = {"image": image.detach().float().cpu().contiguous(), "mask": mask.detach().float().cpu().contiguous()}
     return safetensors_bytes(tensors, metadata=metadata)
 
 
-def read_tuned_prompt(data: bytes, name: str, *, classes: tuple[str, ...], embedding: str,
-                      size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def read_tuned_prompt(
+    data: bytes, name: str, *, classes: tuple[str, ...], embedding: str, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The (image, mask) of a tuned prompt file, float32 (3, H, W) each, checked against the model's input `size`
     = (height, width) and the config's `classes` and `embedding`; PromptSetError naming the file otherwise."""
     try:
@@ -193,22 +224,27 @@ def read_tuned_prompt(data: bytes, name: str, *, classes: tuple[str, ...], embed
     except Exception as error:  # safetensors and json raise several kinds for a file that is not one
         raise PromptSetError(f"{name}: not a tuned prompt file (safetensors): {error}") from None
     if metadata.get("format") != _TUNED_FORMAT or set(tensors) != {"image", "mask"}:
-        raise PromptSetError(f"{name}: not a tuned prompt file: expected tensors 'image' and 'mask' and format "
-                             f"{_TUNED_FORMAT!r}, got {sorted(tensors)} and {metadata.get('format')!r}")
+        raise PromptSetError(
+            f"{name}: not a tuned prompt file: expected tensors 'image' and 'mask' and format "
+            f"{_TUNED_FORMAT!r}, got {sorted(tensors)} and {metadata.get('format')!r}"
+        )
     tuned_classes = tuple(json.loads(metadata.get("classes", "[]")))
     if tuned_classes != tuple(classes):
         raise PromptSetError(f"{name}: tuned for classes {list(tuned_classes)}, prompts.classes is {list(classes)}")
     if json.loads(metadata.get("palette", "[]")) != build_palette(len(classes)).tolist():
         raise PromptSetError(f"{name}: its palette is not the class palette of {list(classes)}")
     if metadata.get("embedding") != embedding:
-        raise PromptSetError(f"{name}: tuned with embedding {metadata.get('embedding')!r}, prompts.embedding is "
-                             f"{embedding!r}")
+        raise PromptSetError(
+            f"{name}: tuned with embedding {metadata.get('embedding')!r}, prompts.embedding is {embedding!r}"
+        )
     expected = (3, *size)
     for part in ("image", "mask"):
         tensor = tensors[part]
         if tuple(tensor.shape) != expected:
-            raise PromptSetError(f"{name}: {part} is {'x'.join(map(str, tensor.shape))}, the model takes "
-                                 f"{'x'.join(map(str, expected))} (tune the prompt for this model)")
+            raise PromptSetError(
+                f"{name}: {part} is {'x'.join(map(str, tensor.shape))}, the model takes "
+                f"{'x'.join(map(str, expected))} (tune the prompt for this model)"
+            )
         if not torch.isfinite(tensor).all():
             raise PromptSetError(f"{name}: {part} holds values that are not finite")
     return tensors["image"].float().numpy(), tensors["mask"].float().numpy()

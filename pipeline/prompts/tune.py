@@ -2,8 +2,8 @@
 
 The prompt (an image and a mask tensor at the model's input size, normalised) starts from a chosen prompt of a
 prompt set and is optimised with Adam on the training objective (the model's smooth-L1 on the painted target half),
-over the training part of a labelled pool (`pipeline.prompts.scoring.split_rows`: the validation part is held out, the same
-keys as `select-prompts` holds out with the same seed and fraction). Targets are painted with the job's class
+over the training part of a labelled pool (`pipeline.prompts.scoring.split_rows`: the validation part is held out,
+the same keys as `select-prompts` holds out with the same seed and fraction). Targets are painted with the job's class
 palette, so the prompt learns the colours the labelling job reads back. Gradients meet through DDP when there are
 several workers; bfloat16 autocast on GPU.
 
@@ -21,8 +21,9 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -38,12 +39,18 @@ from model import check_checkpoint, load_model
 from model.processing import build_palette, normalize
 from pipeline.config import ConfigError
 from pipeline.prompts.config import TuneConfig, load_tune_config
-from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
-from pipeline.prompts.sets import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
 from pipeline.prompts.scoring import PromptScorer, scores, split_rows
+from pipeline.prompts.sets import PromptSetError, load_prompt_set, read_tuned_prompt, tuned_prompt_bytes
 from pipeline.results import Evaluation
-from pipeline.training import IntervalReport, complete_checkpoints, latest_checkpoint, read_log, read_trainer_state
-from pipeline.training import write_checkpoint
+from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
+from pipeline.training import (
+    IntervalReport,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_log,
+    read_trainer_state,
+    write_checkpoint,
+)
 
 PROMPT_FILE = "prompt.safetensors"
 TUNED_FILE = "tuned.safetensors"
@@ -61,9 +68,11 @@ class TuneSummary:
     tuned: str  # the tuned prompt file
 
     def __str__(self) -> str:
-        lines = [f"tuned steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s; "
-                 f"best on validation: step {self.chosen_step}",
-                 f"{'mean IoU':<12}{'before':>8}{'after':>8}"]
+        lines = [
+            f"tuned steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s; "
+            f"best on validation: step {self.chosen_step}",
+            f"{'mean IoU':<12}{'before':>8}{'after':>8}",
+        ]
         lines += [f"{part:<12}{s['before']:>8.3f}{s['after']:>8.3f}" for part, s in self.scores.items()]
         return "\n".join([*lines, f"tuned prompt: {self.tuned} (prompts.uri, alone or in a prompt folder)"])
 
@@ -81,8 +90,12 @@ class LearnablePrompt(nn.Module):
         return self.image.expand(rows, -1, -1, -1), self.mask.expand(rows, -1, -1, -1)
 
 
-def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = (), *,
-         log: Callable[[str], None] = print) -> TuneSummary:
+def tune(
+    config: TuneConfig | dict | str | os.PathLike,
+    overrides: tuple[str, ...] = (),
+    *,
+    log: Callable[[str], None] = print,
+) -> TuneSummary:
     """Check the config, model, starting prompt and pool (before any Ray work), then tune on Ray Train."""
     if not isinstance(config, TuneConfig):
         config = load_tune_config(config, overrides)
@@ -106,25 +119,40 @@ def tune(config: TuneConfig | dict | str | os.PathLike, overrides: tuple[str, ..
 
     log("tune: scoring the starting prompt and every checkpoint's on the validation part")
     steps, tuned = _checkpoint_prompts(config.output.uri, options, chosen.classes, chosen.embedding, size)
-    candidates = (np.stack([start[0], *(image for image, _ in tuned)]),
-                  np.stack([start[1], *(mask for _, mask in tuned)]))
+    candidates = (
+        np.stack([start[0], *(image for image, _ in tuned)]),
+        np.stack([start[1], *(mask for _, mask in tuned)]),
+    )
     curve, parts, best = _score_candidates(config, candidates, rows.to_numpy_refs())
     chosen_step = ([0] + steps)[best]
-    data = tuned_prompt_bytes(torch.from_numpy(candidates[0][best]), torch.from_numpy(candidates[1][best]),
-                              classes=chosen.classes, embedding=chosen.embedding, started_from=f"{chosen.uri}#{name}",
-                              model=config.model.checkpoint, step=chosen_step)
+    data = tuned_prompt_bytes(
+        torch.from_numpy(candidates[0][best]),
+        torch.from_numpy(candidates[1][best]),
+        classes=chosen.classes,
+        embedding=chosen.embedding,
+        started_from=f"{chosen.uri}#{name}",
+        model=config.model.checkpoint,
+        step=chosen_step,
+    )
     fs, root = fsspec.core.url_to_fs(config.output.uri, **options)
     fs.pipe_file(f"{root}/{TUNED_FILE}", data)
     records = [r for r in read_log(config.output.uri, options) if r["step"] > (0 if resume is None else resume[1])]
-    report = {"prompt": {"uri": chosen.uri, "name": name}, "steps": config.train.steps, "chosen_step": chosen_step,
-              "validation_by_step": {step: e.mean_iou for step, e in zip([0] + steps, curve)},
-              **{part: {"before": scores(before), "after": scores(after)} for part, (before, after) in parts.items()}}
+    report = {
+        "prompt": {"uri": chosen.uri, "name": name},
+        "steps": config.train.steps,
+        "chosen_step": chosen_step,
+        "validation_by_step": {step: e.mean_iou for step, e in zip([0] + steps, curve)},
+        **{part: {"before": scores(before), "after": scores(after)} for part, (before, after) in parts.items()},
+    }
     fs.pipe_file(f"{root}/{REPORT_FILE}", (json.dumps(report, indent=2) + "\n").encode())
     return TuneSummary(
-        steps=config.train.steps, first_step=0 if resume is None else resume[1], chosen_step=chosen_step,
+        steps=config.train.steps,
+        first_step=0 if resume is None else resume[1],
+        chosen_step=chosen_step,
         loss=records[-1]["loss"] if records else float("nan"),
         scores={part: {"before": before.mean_iou, "after": after.mean_iou} for part, (before, after) in parts.items()},
-        seconds=time.monotonic() - started, tuned=f"{config.output.uri.rstrip('/')}/{TUNED_FILE}",
+        seconds=time.monotonic() - started,
+        tuned=f"{config.output.uri.rstrip('/')}/{TUNED_FILE}",
     )
 
 
@@ -140,8 +168,13 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
     model = load_model(config.model.checkpoint, device=device, storage_options=options).eval().requires_grad_(False)
     start, first_step, records = loop_config["start"], 0, []
     if resume is not None:
-        start = read_tuned_prompt(_read(f"{resume[0]}/{PROMPT_FILE}", options), resume[0], classes=chosen.classes,
-                                  embedding=chosen.embedding, size=model.config.input_size)
+        start = read_tuned_prompt(
+            _read(f"{resume[0]}/{PROMPT_FILE}", options),
+            resume[0],
+            classes=chosen.classes,
+            embedding=chosen.embedding,
+            size=model.config.input_size,
+        )
     plain_prompt = LearnablePrompt(*start)
     prompt = ray.train.torch.prepare_model(plain_prompt)
     optimizer = torch.optim.Adam(prompt.parameters(), lr=loop.lr)
@@ -166,18 +199,36 @@ def _tune_loop(loop_config: dict[str, Any]) -> None:
         done = step + 1
         report.add(done, loss.item())
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
-            data = tuned_prompt_bytes(plain_prompt.image, plain_prompt.mask, classes=chosen.classes,
-                                      embedding=chosen.embedding, started_from=loop_config["started_from"],
-                                      model=config.model.checkpoint, step=done)
-            write_checkpoint(config.output.uri, options, done,
-                             lambda uri: _write(f"{uri}/{PROMPT_FILE}", data, options), optimizer, records)
+            data = tuned_prompt_bytes(
+                plain_prompt.image,
+                plain_prompt.mask,
+                classes=chosen.classes,
+                embedding=chosen.embedding,
+                started_from=loop_config["started_from"],
+                model=config.model.checkpoint,
+                step=done,
+            )
+            write_checkpoint(
+                config.output.uri,
+                options,
+                done,
+                lambda uri, data=data: _write(f"{uri}/{PROMPT_FILE}", data, options),
+                optimizer,
+                records,
+            )
 
 
 def _starting_prompt(config: TuneConfig, size: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """The (image, mask) of the prompt tuning starts from, as uint8 arrays at the model's input size, and its name."""
     chosen = config.prompt
-    prompt_set = load_prompt_set(chosen.uri, classes=chosen.classes, mask_format=chosen.mask_format,
-                                 embedding=chosen.embedding, size=size, storage_options=config.storage_options)
+    prompt_set = load_prompt_set(
+        chosen.uri,
+        classes=chosen.classes,
+        mask_format=chosen.mask_format,
+        embedding=chosen.embedding,
+        size=size,
+        storage_options=config.storage_options,
+    )
     name = chosen.name or prompt_set.names[0]
     if name not in prompt_set.names:
         raise PromptSetError(f"prompt.name: {name!r} is not in {chosen.uri} (it has {list(prompt_set.names)})")
@@ -186,8 +237,13 @@ def _starting_prompt(config: TuneConfig, size: tuple[int, int]) -> tuple[tuple[n
     return (images[index].numpy(), masks[index].numpy()), name
 
 
-def _fit(config: TuneConfig, rows: ray.data.Dataset, start: tuple[np.ndarray, np.ndarray], started_from: str,
-         resume: tuple[str, int] | None) -> None:
+def _fit(
+    config: TuneConfig,
+    rows: ray.data.Dataset,
+    start: tuple[np.ndarray, np.ndarray],
+    started_from: str,
+    resume: tuple[str, int] | None,
+) -> None:
     """Tune the prompt on Ray Train, on the training part of `rows`."""
     # materialized, so that feeding the workers takes no CPU that they hold (a worker may take every CPU of a node)
     train_rows = rows.filter(lambda row: not row["validation"] and row["error"] == "", num_cpus=0.5).materialize()
@@ -199,38 +255,63 @@ def _fit(config: TuneConfig, rows: ray.data.Dataset, start: tuple[np.ndarray, np
         _tune_loop,
         datasets={"train": train_rows},
         dataset_config=DataConfig(execution_options=ingest),
-        train_loop_config={"config": config.to_dict(redact=False), "start": start, "started_from": started_from,
-                           "resume": None if resume is None else list(resume)},
-        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": config.compute.cpus_per_worker,
-                                                           **({"GPU": 1.0} if use_gpu else {})}),
+        train_loop_config={
+            "config": config.to_dict(redact=False),
+            "start": start,
+            "started_from": started_from,
+            "resume": None if resume is None else list(resume),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.compute.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.compute.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})},
+        ),
     )
     trainer.fit()
 
 
-def _score_candidates(config: TuneConfig, candidates: tuple[np.ndarray, np.ndarray], blocks: list[ray.ObjectRef],
-                      ) -> tuple[list[Evaluation], dict[str, list[Evaluation]], int]:
+def _score_candidates(
+    config: TuneConfig,
+    candidates: tuple[np.ndarray, np.ndarray],
+    blocks: list[ray.ObjectRef],
+) -> tuple[list[Evaluation], dict[str, list[Evaluation]], int]:
     """Each candidate's validation score (the curve), the best one (the first of equals: the earliest), and the
     first candidate's and the best's scores on each part."""
     chosen = config.prompt
-    scorer = PromptScorer(config.model.checkpoint, candidates, classes=chosen.classes, embedding=chosen.embedding,
-                          storage_options=config.storage_options)
+    scorer = PromptScorer(
+        config.model.checkpoint,
+        candidates,
+        classes=chosen.classes,
+        embedding=chosen.embedding,
+        storage_options=config.storage_options,
+    )
     try:
         curve = scorer.score(blocks, [[i] for i in range(len(candidates[0]))], validation=True)
         best = int(np.argmax([evaluation.mean_iou for evaluation in curve]))
-        parts = {"training": scorer.score(blocks, [[0], [best]], validation=False),
-                 "validation": [curve[0], curve[best]]}
+        parts = {
+            "training": scorer.score(blocks, [[0], [best]], validation=False),
+            "validation": [curve[0], curve[best]],
+        }
     finally:
         scorer.close()
     return curve, parts, best
 
 
-def _checkpoint_prompts(output_uri: str, storage_options: dict[str, Any], classes: tuple[str, ...], embedding: str,
-                        size: tuple[int, int]) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
+def _checkpoint_prompts(
+    output_uri: str, storage_options: dict[str, Any], classes: tuple[str, ...], embedding: str, size: tuple[int, int]
+) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray]]]:
     """The steps of the complete checkpoints under `output_uri`, oldest first, and their prompts."""
     checkpoints = complete_checkpoints(output_uri, storage_options)
-    prompts = [read_tuned_prompt(_read(f"{uri}/{PROMPT_FILE}", storage_options), f"{uri}/{PROMPT_FILE}",
-                                 classes=classes, embedding=embedding, size=size) for uri, _ in checkpoints]
+    prompts = [
+        read_tuned_prompt(
+            _read(f"{uri}/{PROMPT_FILE}", storage_options),
+            f"{uri}/{PROMPT_FILE}",
+            classes=classes,
+            embedding=embedding,
+            size=size,
+        )
+        for uri, _ in checkpoints
+    ]
     return [step for _, step in checkpoints], prompts
 
 
@@ -250,8 +331,13 @@ def _target_batches(shard: Any, batch_size: int, seed: int):
     shuffled within a window, differently each pass."""
     for epoch in itertools.count():
         seen = 0
-        for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                       local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
+        for rows in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed + epoch,
+        ):
             seen += len(rows["key"])
             yield rows["image"], rows["labels"]
         if seen == 0:

@@ -6,5 +6,18 @@ from pipeline.results.export import FORMATS, ExportError, export
 from pipeline.results.metrics import Evaluation, bootstrap, class_iou, mean_iou, overlap
 from pipeline.results.review import ReviewError, review
 
-__all__ = ["FORMATS", "Evaluation", "ExportError", "ReviewError", "bootstrap", "class_iou", "evaluate", "export",
-           "mean_iou", "overlap", "report", "review", "table"]
+__all__ = [
+    "FORMATS",
+    "Evaluation",
+    "ExportError",
+    "ReviewError",
+    "bootstrap",
+    "class_iou",
+    "evaluate",
+    "export",
+    "mean_iou",
+    "overlap",
+    "report",
+    "review",
+    "table",
+]

@@ -7,8 +7,8 @@ The truth (local or any fsspec URL) is in any layout of a labelled pool, keyed a
   its `STEM.mask.png`, or any non-PNG image) is never read as truth, and an RGB PNG where a label map should be
   makes its image unusable;
 - WebDataset `.tar` shards with mask members (`0001.jpg` + `0001.seg.png`: key `shard.tar/0001.jpg`) and Parquet
-  shards with a mask column (key `shard.parquet/ROW`), read by `pipeline.storage.pairs`'s reader (masks only; the shards'
-  masks are held as PNG bytes while the labels are scored).
+  shards with a mask column (key `shard.parquet/ROW`), read by `pipeline.storage.pairs`'s reader (masks only; the
+  shards' masks are held as PNG bytes while the labels are scored).
 Truth is a label map (8-bit or 16-bit grey, palette indices, or 1-bit): pixel = class id, `ignore_index` (255 by
 default) for pixels that count nowhere. Truth with another id, or an RGB image, makes its image *unusable*: it is
 reported with what was found and scored nowhere. The output's `labels/` is read one file at a time, and of each only
@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from model.processing import decode_png
-from pipeline.storage.pairs import LabelledSource, read_shard_masks
 from pipeline.results.metrics import DEFINITION, Evaluation, class_iou, mean_iou, missed, overlap
 from pipeline.storage.listing import InputError, list_inputs
 from pipeline.storage.output import JOB_FILE, LABELS_DIR
+from pipeline.storage.pairs import LabelledSource, read_shard_masks
 
 _THREADS = 16
 _LABEL_MAP_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
@@ -52,10 +52,14 @@ class Truth:
         listing = list_inputs(source, storage_options)
         loose = listing.filter(pc.equal(listing["kind"], "images")).to_pydict()
         self.fs = fsspec.core.url_to_fs(uri, **storage_options)[0]
-        self.sources = {name: source for name, source in zip(loose["key"], loose["source"])
-                        if name.lower().endswith(".png") and not _is_pair_image(name, loose["key"])}
-        self.shards = {row["key"]: row["error"] or row["mask"]
-                       for row in read_shard_masks(listing, source, storage_options)}
+        self.sources = {
+            name: source
+            for name, source in zip(loose["key"], loose["source"])
+            if name.lower().endswith(".png") and not _is_pair_image(name, loose["key"])
+        }
+        self.shards = {
+            row["key"]: row["error"] or row["mask"] for row in read_shard_masks(listing, source, storage_options)
+        }
 
     def names(self) -> set[str]:
         """Every truth: loose files by name, shard masks by key."""
@@ -89,9 +93,16 @@ def _is_pair_image(name: str, names: list[str]) -> bool:
     return f"{posixpath.splitext(name)[0]}.mask.png" in names
 
 
-def evaluate(labels_uri: str, truth_uri: str, *, storage_options: dict[str, Any] | None = None,
-             classes: list[str] | None = None, ignore_index: int | None = 255, mask_field: str = "seg.png",
-             mask_column: str = "mask") -> Evaluation:
+def evaluate(
+    labels_uri: str,
+    truth_uri: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
+    ignore_index: int | None = 255,
+    mask_field: str = "seg.png",
+    mask_column: str = "mask",
+) -> Evaluation:
     """Compare the output at `labels_uri` with the truth at `truth_uri`. Class names come from the output's
     `_job.json` unless given; `mask_field` and `mask_column` name the masks of WebDataset and Parquet truth."""
     options = storage_options or {}
@@ -180,10 +191,16 @@ class _Scoring:
 def report(result: Evaluation) -> dict[str, Any]:
     """The JSON `evaluate` writes: the scores, their definition, and every scored image's IoU per class."""
     return {
-        "mean_iou": result.mean_iou, "pixel_accuracy": result.pixel_accuracy,
-        "iou": dict(zip(result.classes, result.iou)), "definition": DEFINITION, "ignore_index": result.ignore_index,
-        "ignored_pixels": result.ignored_pixels, "compared": result.compared, "missing": len(result.missing),
-        "unusable": len(result.unusable), "without_truth": result.without_truth,
+        "mean_iou": result.mean_iou,
+        "pixel_accuracy": result.pixel_accuracy,
+        "iou": dict(zip(result.classes, result.iou)),
+        "definition": DEFINITION,
+        "ignore_index": result.ignore_index,
+        "ignored_pixels": result.ignored_pixels,
+        "compared": result.compared,
+        "missing": len(result.missing),
+        "unusable": len(result.unusable),
+        "without_truth": result.without_truth,
         "missing_keys": [f"{key}: {why}" for key, why in list(result.missing.items())[:1000]],
         "unusable_keys": [f"{key}: {why}" for key, why in list(result.unusable.items())[:1000]],
         "images": _images(result, *_per_image(result)),
@@ -199,9 +216,15 @@ def _per_image(result: Evaluation) -> tuple[list[str], np.ndarray]:
 
 def _images(result: Evaluation, keys: list[str], counts: np.ndarray) -> list[dict[str, Any]]:
     """Per image: key, status, mean IoU and IoU per class (None where the class is in neither)."""
-    return [{"key": key, "status": "missed" if key in result.missing else "compared", "mean_iou": _value(mean),
-             "iou": {name: _value(value) for name, value in zip(result.classes, row)}}
-            for key, mean, row in zip(keys, mean_iou(counts), class_iou(counts))]
+    return [
+        {
+            "key": key,
+            "status": "missed" if key in result.missing else "compared",
+            "mean_iou": _value(mean),
+            "iou": {name: _value(value) for name, value in zip(result.classes, row)},
+        }
+        for key, mean, row in zip(keys, mean_iou(counts), class_iou(counts))
+    ]
 
 
 def _value(value: float) -> float | None:
@@ -211,12 +234,16 @@ def _value(value: float) -> float | None:
 def table(result: Evaluation, *, lowest: int = 5) -> str:
     """Per-class IoU, the summary lines, and the `lowest` images by mean IoU (missed images among them)."""
     lines = [f"{'class':<20}{'IoU':>8}"]
-    lines += [f"{name:<20}{'-' if value is None else f'{value:.3f}':>8}" for name, value in zip(result.classes, result.iou)]
+    lines += [
+        f"{name:<20}{'-' if value is None else f'{value:.3f}':>8}" for name, value in zip(result.classes, result.iou)
+    ]
     ignored = "off" if result.ignore_index is None else f"{result.ignore_index} ({result.ignored_pixels} pixels)"
-    lines += [f"mean IoU (foreground) {result.mean_iou:.3f}   pixel accuracy {result.pixel_accuracy:.3f}   "
-              f"ignore index {ignored}",
-              f"images compared {result.compared}, missing {len(result.missing)}, unusable truth "
-              f"{len(result.unusable)}, labelled without truth {result.without_truth}"]
+    lines += [
+        f"mean IoU (foreground) {result.mean_iou:.3f}   pixel accuracy {result.pixel_accuracy:.3f}   "
+        f"ignore index {ignored}",
+        f"images compared {result.compared}, missing {len(result.missing)}, unusable truth "
+        f"{len(result.unusable)}, labelled without truth {result.without_truth}",
+    ]
     lines += [f"unusable: {key}: {why}" for key, why in list(result.unusable.items())[:lowest]]
     keys, counts = _per_image(result)
     means = mean_iou(counts)
@@ -228,9 +255,11 @@ def table(result: Evaluation, *, lowest: int = 5) -> str:
         lines.append(f"  {'key':<{width}}{'mean IoU':>10}" + "".join(f"{name[:12]:>13}" for name in result.classes[1:]))
         for image in worst:
             cells = [image["iou"][name] for name in result.classes[1:]]
-            lines.append(f"  {image['key']:<{width}}{_cell(image['mean_iou']):>10}"
-                         + "".join(f"{_cell(value):>13}" for value in cells)
-                         + ("   (missed)" if image["status"] == "missed" else ""))
+            lines.append(
+                f"  {image['key']:<{width}}{_cell(image['mean_iou']):>10}"
+                + "".join(f"{_cell(value):>13}" for value in cells)
+                + ("   (missed)" if image["status"] == "missed" else "")
+            )
     return "\n".join(lines)
 
 

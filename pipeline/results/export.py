@@ -52,8 +52,10 @@ class ExportSummary:
     regions: int = 0  # COCO annotations / YOLO polygons / regions kept in the masks
 
     def __str__(self) -> str:
-        return (f"exported {self.images} images ({self.regions} regions) to {self.target}; "
-                f"skipped {self.skipped} error rows")
+        return (
+            f"exported {self.images} images ({self.regions} regions) to {self.target}; "
+            f"skipped {self.skipped} error rows"
+        )
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,18 @@ class CocoWriter:
         for region in regions:
             rle = coco_mask.encode(np.asfortranarray(region.full(shape), dtype=np.uint8))
             self.annotation_id += 1
-            _append(self.annotations, {
-                "id": self.annotation_id, "image_id": self.image_id, "category_id": region.class_id,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "area": int(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)], "iscrowd": 0,
-            })
+            _append(
+                self.annotations,
+                {
+                    "id": self.annotation_id,
+                    "image_id": self.image_id,
+                    "category_id": region.class_id,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": int(coco_mask.area(rle)),
+                    "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+                    "iscrowd": 0,
+                },
+            )
 
     def close(self) -> None:
         head = {"info": {"description": "seggpt-autolabel export"}, "licenses": [], "categories": self.categories}
@@ -197,7 +206,11 @@ class YoloWriter:
         self.fs, self.root = fsspec.core.url_to_fs(target, **options)
         self.number = {class_id: number for number, class_id in enumerate(kept)}  # YOLO classes count from 0
         self.fs.makedirs(self.root, exist_ok=True)
-        data = {"path": ".", "nc": len(kept), "names": {number: names[class_id] for class_id, number in self.number.items()}}
+        data = {
+            "path": ".",
+            "nc": len(kept),
+            "names": {number: names[class_id] for class_id, number in self.number.items()},
+        }
         self.fs.pipe_file(f"{self.root}/data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
 
     def add(self, key: str, shape: tuple[int, int], regions: list[Region]) -> None:
@@ -219,8 +232,9 @@ class YoloWriter:
 
 def _polygon(region: Region) -> np.ndarray:
     """(N, 2) integer x, y: the region's outer contour with its holes bridged in."""
-    contours, hierarchy = cv2.findContours(region.crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE,
-                                           offset=(region.x, region.y))
+    contours, hierarchy = cv2.findContours(
+        region.crop.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(region.x, region.y)
+    )
     parents = hierarchy[0, :, 3]  # -1: an outer contour; else the outer contour a hole is in
     outer = max(np.flatnonzero(parents == -1), key=lambda i: cv2.contourArea(contours[i]))
     polygon = contours[outer].reshape(-1, 2)

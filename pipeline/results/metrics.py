@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 BOTH, EITHER, TRUTH = 0, 1, 2  # the rows of a (3, C) count array
-DEFINITION = ("IoU of a class: its pixels in both truth and labels, summed over the images, over its pixels in "
-              "either, summed over the images; mean IoU: over the foreground classes whose union is not empty; "
-              "pixel accuracy: pixels right over truth pixels; truth pixels equal to the ignore index count nowhere; "
-              "an image with truth and no usable label counts its truth pixels as missed")
+DEFINITION = (
+    "IoU of a class: its pixels in both truth and labels, summed over the images, over its pixels in "
+    "either, summed over the images; mean IoU: over the foreground classes whose union is not empty; "
+    "pixel accuracy: pixels right over truth pixels; truth pixels equal to the ignore index count nowhere; "
+    "an image with truth and no usable label counts its truth pixels as missed"
+)
 
 
 def overlap(truth: np.ndarray, labels: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
@@ -58,8 +60,9 @@ def mean_iou(counts: np.ndarray) -> np.ndarray:
         return np.where(occurs.any(-1), total / occurs.sum(-1), np.nan)
 
 
-def bootstrap(per_image: np.ndarray, *, draws: int = 1000, seed: int = 0, paired: np.ndarray | None = None,
-              level: float = 0.95) -> tuple[float, float]:
+def bootstrap(
+    per_image: np.ndarray, *, draws: int = 1000, seed: int = 0, paired: np.ndarray | None = None, level: float = 0.95
+) -> tuple[float, float]:
     """The `level` interval of the mean IoU of (n, 3, C) per-image counts over images drawn with replacement; with
     `paired` (counts of another prompt set on the same images), the interval of mean IoU minus `paired`'s."""
     n = len(per_image)

@@ -89,7 +89,9 @@ class Review:
 
     def __str__(self) -> str:
         missing = f"; {len(self.unreadable)} images could not be read from their sources" if self.unreadable else ""
-        return f"review: {len(self.overlays)} overlays of {self.ok} ok rows ({self.rows} rows){missing}; open {self.page}"
+        return (
+            f"review: {len(self.overlays)} overlays of {self.ok} ok rows ({self.rows} rows){missing}; open {self.page}"
+        )
 
 
 def review(
@@ -123,10 +125,15 @@ def review(
             chooser.offer(row)
 
     out_fs, out_root = fsspec.core.url_to_fs((to or f"{output_uri.rstrip('/')}/{REVIEW_DIR}").rstrip("/"), **options)
-    cards = _write_overlays(chooser.chosen(), names, palette, job.get("config", {}).get("input", {}), out_fs,
-                            out_root, options, result)
+    cards = _write_overlays(
+        chooser.chosen(), names, palette, job.get("config", {}).get("input", {}), out_fs, out_root, options, result
+    )
     page = _TEMPLATE.render(
-        output=output_uri, rows=result.rows, ok=result.ok, cards=cards, unreadable=result.unreadable,
+        output=output_uri,
+        rows=result.rows,
+        ok=result.ok,
+        cards=cards,
+        unreadable=result.unreadable,
         selection=_describe(sample, lowest, class_name),
         totals=[(names[cid], tuple(int(v) for v in palette[cid]), totals[cid]) for cid in range(1, len(names))],
     )
@@ -156,9 +163,16 @@ def _count(totals: list[ClassTotals], row: dict[str, Any]) -> None:
             totals[cid].scored += 1
 
 
-def _write_overlays(chosen: list[dict[str, Any]], names: list[str], palette: np.ndarray, config: dict[str, Any],
-                    fs: fsspec.AbstractFileSystem, root: str, storage_options: dict[str, Any],
-                    result: Review) -> list[dict[str, Any]]:
+def _write_overlays(
+    chosen: list[dict[str, Any]],
+    names: list[str],
+    palette: np.ndarray,
+    config: dict[str, Any],
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    storage_options: dict[str, Any],
+    result: Review,
+) -> list[dict[str, Any]]:
     """Write each chosen row's picture under `root`/overlays/ and return the page's cards, lowest score first; a row
     whose image cannot be read goes to `result.unreadable`. `config` is the job's input section."""
     images = read_images(chosen, image_column=config.get("image_column", "image"), storage_options=storage_options)
@@ -174,9 +188,14 @@ def _write_overlays(chosen: list[dict[str, Any]], names: list[str], palette: np.
         fs.makedirs(f"{root}/{relative}".rpartition("/")[0], exist_ok=True)
         fs.pipe_file(f"{root}/{relative}", buffer.getvalue())
         result.overlays.append(fs.unstrip_protocol(f"{root}/{relative}"))
-        cards.append({"key": row["key"], "src": urllib.parse.quote(relative), "score": row["score"],
-                      "classes": [(names[cid], score) for cid, score in zip(row["class_ids"], _class_scores(row))
-                                  if cid > 0]})
+        cards.append(
+            {
+                "key": row["key"],
+                "src": urllib.parse.quote(relative),
+                "score": row["score"],
+                "classes": [(names[cid], score) for cid, score in zip(row["class_ids"], _class_scores(row)) if cid > 0],
+            }
+        )
     return sorted(cards, key=lambda card: math.inf if card["score"] is None else card["score"])
 
 
@@ -250,7 +269,8 @@ figcaption { font-size: 12px; overflow-wrap: anywhere; } .score { font-weight: 6
 <p>{{ rows }} rows, {{ ok }} ok. Pictured: {{ selection }}, lowest score first.</p>
 <h2>Classes over the whole run</h2>
 <table><tr><th>class</th><th>pixels</th><th>images</th><th>mean class score</th></tr>
-{% for name, colour, total in totals %}<tr><td><span class="swatch" style="background: rgb{{ colour }}"></span>{{ name }}</td>
+{% for name, colour, total in totals -%}
+<tr><td><span class="swatch" style="background: rgb{{ colour }}"></span>{{ name }}</td>
 <td>{{ "{:,}".format(total.pixels) }}</td><td>{{ total.images }}</td>
 <td>{{ "-" if total.mean_score is none else "%.3f" % total.mean_score }}</td></tr>
 {% endfor %}</table>
@@ -259,7 +279,8 @@ figcaption { font-size: 12px; overflow-wrap: anywhere; } .score { font-weight: 6
 <div class="grid">
 {% for card in cards %}<figure><img src="{{ card.src }}" alt="{{ card.key }}">
 <figcaption><span class="score">{{ "-" if card.score is none else "%.3f" % card.score }}</span> {{ card.key }}<br>
-{% for name, score in card.classes %}{{ name }} {{ "-" if score is none else "%.2f" % score }}{{ ", " if not loop.last }}{% endfor %}
+{% for name, score in card.classes -%}
+{{ name }} {{ "-" if score is none else "%.2f" % score }}{{ ", " if not loop.last }}{% endfor %}
 </figcaption></figure>
 {% endfor %}</div>
 </body></html>

@@ -61,8 +61,10 @@ class LeaseLost(StorageUnavailable):
     """Another run took the output's lease over (this run's lease had expired, unrenewed): this run writes no more."""
 
     def __str__(self) -> str:
-        return (f"lease lost at {self.uri}: {LEASE_FILE} expired unrenewed and {self.cause} took it over; this run "
-                f"stopped writing (run it again once that run is done: it resumes)")
+        return (
+            f"lease lost at {self.uri}: {LEASE_FILE} expired unrenewed and {self.cause} took it over; this run "
+            f"stopped writing (run it again once that run is done: it resumes)"
+        )
 
 
 class LeaseLapsing(TimeoutError):
@@ -97,19 +99,30 @@ class OutputLease:
     """Context manager holding the lease of `root` on `fs` for the duration of a run; its `retry` is the one for
     the run's writes."""
 
-    def __init__(
-        self, fs: fsspec.AbstractFileSystem, root: str, uri: str, *, retry: Retry, ttl_s: float | None = None
-    ):
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, uri: str, *, retry: Retry, ttl_s: float | None = None):
         if not isinstance(fs, LocalFileSystem) and "s3" not in fs.protocol:
-            raise OutputError(f"output.uri {uri}: the output's lease needs S3 (or a store speaking S3 with conditional "
-                              f"writes) or a filesystem path")
+            raise OutputError(
+                f"output.uri {uri}: the output's lease needs S3 (or a store speaking S3 with conditional "
+                f"writes) or a filesystem path"
+            )
         self.fs, self.root, self.path, self.uri = fs, root, f"{root}/{LEASE_FILE}", uri
         self.ttl_s = max(2 * retry.budget_s, _MIN_TTL_S) if ttl_s is None else ttl_s
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex,
-                       "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "run": uuid.uuid4().hex,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         self._take_retry = retry
-        self.retry = HeldRetry(retry.budget_s, retry.first_delay_s, retry.max_delay_s, fs=fs, path=self.path,
-                               run=self.holder["run"], margin_s=self.ttl_s / 2)
+        self.retry = HeldRetry(
+            retry.budget_s,
+            retry.first_delay_s,
+            retry.max_delay_s,
+            fs=fs,
+            path=self.path,
+            run=self.holder["run"],
+            margin_s=self.ttl_s / 2,
+        )
         self._version: Any = None  # of the lease as this run last wrote it (see `read_lease`)
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="output-lease", daemon=True)

@@ -71,8 +71,11 @@ def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Tab
     listing cache is dropped after each URI.
     """
     with ThreadPoolExecutor(_LIST_THREADS) as pool:
-        listed = list(pool.map(lambda uri: _list_uri(uri, input_cfg.format, storage_options, input_cfg.config_key),
-                               input_cfg.uris))
+        listed = list(
+            pool.map(
+                lambda uri: _list_uri(uri, input_cfg.format, storage_options, input_cfg.config_key), input_cfg.uris
+            )
+        )
     found = pa.concat_tables([table for _, table in listed])
     if found.num_rows == 0:
         wanted = "image, .tar or .parquet" if input_cfg.format == "auto" else input_cfg.format

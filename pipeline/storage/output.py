@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-
 LABELS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -126,9 +125,7 @@ def read_job_file(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
         return {}
 
 
-def write_job_files(
-    output_uri: str, storage_options: dict[str, Any], job_info: dict[str, Any], success: bool
-) -> None:
+def write_job_files(output_uri: str, storage_options: dict[str, Any], job_info: dict[str, Any], success: bool) -> None:
     """Write `_job.json` (`job_info`, which must hold no secrets); `_SUCCESS` only when `success`."""
     fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
     text = json.dumps(job_info, indent=2, sort_keys=True, default=str) + "\n"

@@ -37,8 +37,14 @@ from pipeline.storage.formats import is_image_field, parquet_rows, resumable, ta
 from pipeline.storage.listing import InputError, list_inputs
 from pipeline.storage.retry import Retry
 
-PAIR_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("image", pa.binary()), pa.field("mask", pa.binary()),
-                         pa.field("error", pa.string())])
+PAIR_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("image", pa.binary()),
+        pa.field("mask", pa.binary()),
+        pa.field("error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,9 @@ class LabelledSource:
         return (self.uri,) if isinstance(self.uri, str) else self.uri
 
 
-def labelled_pairs(source: LabelledSource, storage_options: dict[str, Any], num_classes: int, *,
-                   retry: Retry = Retry()) -> pa.Table:
+def labelled_pairs(
+    source: LabelledSource, storage_options: dict[str, Any], num_classes: int, *, retry: Retry = Retry()
+) -> pa.Table:
     """The work items (key, kind, source, mask_source) of the labelled data, checked on its first pair."""
     listing = list_inputs(source, storage_options)
     shards = listing.filter(pc.not_equal(listing["kind"], "images"))
@@ -68,36 +75,58 @@ def labelled_pairs(source: LabelledSource, storage_options: dict[str, Any], num_
         pairs = image_mask_pairs(loose["key"], ".")
     except ValueError as error:
         raise InputError(f"{source.config_key}: {error}") from None
-    items = pa.table({
-        "key": [image for _, image, _ in pairs] + shards["key"].to_pylist(),
-        "kind": ["images"] * len(pairs) + shards["kind"].to_pylist(),
-        "source": [sources[image] for _, image, _ in pairs] + shards["source"].to_pylist(),
-        "mask_source": [sources[mask] for _, _, mask in pairs] + [None] * shards.num_rows,
-    })
+    items = pa.table(
+        {
+            "key": [image for _, image, _ in pairs] + shards["key"].to_pylist(),
+            "kind": ["images"] * len(pairs) + shards["kind"].to_pylist(),
+            "source": [sources[image] for _, image, _ in pairs] + shards["source"].to_pylist(),
+            "mask_source": [sources[mask] for _, _, mask in pairs] + [None] * shards.num_rows,
+        }
+    )
     opened = read_pairs(items.slice(0, 4), source, storage_options, retry=retry)
     first = next((pair for pair in opened if not pair["error"]), None)
     if first is None:
-        raise InputError(f"{source.config_key}: no labelled pairs (an image with its mask) found in {', '.join(source.uris)}")
+        raise InputError(
+            f"{source.config_key}: no labelled pairs (an image with its mask) found in {', '.join(source.uris)}"
+        )
     problem = _check_pair(first["image"], first["mask"], num_classes)
     if problem:
         raise InputError(f"{source.config_key}: {first['key']}: {problem}")
     return items
 
 
-def read_labelled(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any],
-                  size: tuple[int, int], num_classes: int, *, num_cpus: float = 0.5,
-                  retry: Retry = Retry()) -> ray.data.Dataset:
+def read_labelled(
+    items: pa.Table,
+    source: LabelledSource,
+    storage_options: dict[str, Any],
+    size: tuple[int, int],
+    num_classes: int,
+    *,
+    num_cpus: float = 0.5,
+    retry: Retry = Retry(),
+) -> ray.data.Dataset:
     """Rows `key`, `image`, `labels` at `size` = (height, width), and `error` ("" for a usable pair).
 
     Tasks of `num_cpus=0` (where no CPU is free for them) run at most two at a time."""
     blocks = [items.slice(start, 16) for start in range(0, items.num_rows, 16)]
     limit = {"concurrency": 2} if num_cpus == 0 else {}
-    return ray.data.from_arrow(blocks).map_batches(
-        _read_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus, **limit,
-        fn_kwargs={"source": source, "storage_options": storage_options, "retry": retry},
-    ).map_batches(
-        _decode, batch_format="numpy", num_cpus=num_cpus, **limit,
-        fn_kwargs={"size": size, "num_classes": num_classes},
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            _read_block,
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=num_cpus,
+            **limit,
+            fn_kwargs={"source": source, "storage_options": storage_options, "retry": retry},
+        )
+        .map_batches(
+            _decode,
+            batch_format="numpy",
+            num_cpus=num_cpus,
+            **limit,
+            fn_kwargs={"size": size, "num_classes": num_classes},
+        )
     )
 
 
@@ -124,8 +153,14 @@ def image_mask_pairs(paths: list[str], folder: str) -> list[tuple[str, str, str]
     return pairs
 
 
-def read_pairs(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any], *, images: bool = True,
-               retry: Retry = Retry()) -> Iterator[dict[str, Any]]:
+def read_pairs(
+    items: pa.Table,
+    source: LabelledSource,
+    storage_options: dict[str, Any],
+    *,
+    images: bool = True,
+    retry: Retry = Retry(),
+) -> Iterator[dict[str, Any]]:
     """The `PAIR_SCHEMA` rows of work items (`labelled_pairs`), streamed on the caller's process: shards are read a
     sample or a batch of rows at a time (`pipeline.storage.formats`), re-opened after transient storage errors within
     `retry`'s budget. An unreadable file or shard is one error row, never an exception. Without `images` only the
@@ -137,16 +172,18 @@ def read_pairs(items: pa.Table, source: LabelledSource, storage_options: dict[st
             yield from _shard_pairs(item, source, storage_options, images, retry)
 
 
-def read_shard_masks(items: pa.Table, source: LabelledSource, storage_options: dict[str, Any], *,
-                     retry: Retry = Retry()) -> Iterator[dict[str, Any]]:
+def read_shard_masks(
+    items: pa.Table, source: LabelledSource, storage_options: dict[str, Any], *, retry: Retry = Retry()
+) -> Iterator[dict[str, Any]]:
     """Of the tar and Parquet shards among `items` (`list_inputs` rows), every pair's `key`, `mask` and `error`, as
     `read_labelled` keys them; the image bytes are not read (`image` is empty)."""
     shards = items.filter(pc.not_equal(items["kind"], "images"))
     return read_pairs(shards, source, storage_options, images=False, retry=retry)
 
 
-def _read_block(items: pa.Table, *, source: LabelledSource, storage_options: dict[str, Any],
-                retry: Retry) -> Iterator[pa.Table]:
+def _read_block(
+    items: pa.Table, *, source: LabelledSource, storage_options: dict[str, Any], retry: Retry
+) -> Iterator[pa.Table]:
     pairs = read_pairs(items, source, storage_options, retry=retry)
     yield from tables_of(pairs, PAIR_SCHEMA, lambda pair: len(pair["image"]) + len(pair["mask"]))
 
@@ -161,13 +198,18 @@ def _loose_pair(item: dict[str, Any], storage_options: dict[str, Any], retry: Re
         return _unreadable(item["key"], error)
 
 
-def _shard_pairs(item: dict[str, Any], source: LabelledSource, storage_options: dict[str, Any], images: bool,
-                 retry: Retry) -> Iterator[dict[str, Any]]:
+def _shard_pairs(
+    item: dict[str, Any], source: LabelledSource, storage_options: dict[str, Any], images: bool, retry: Retry
+) -> Iterator[dict[str, Any]]:
     if item["kind"] == "webdataset":
         pairs = partial(_tar_pairs, key=item["key"], mask_field=source.mask_field, images=images)
     else:
-        pairs = partial(_parquet_pairs, key=item["key"], image_column=source.image_column if images else None,
-                        mask_column=source.mask_column)
+        pairs = partial(
+            _parquet_pairs,
+            key=item["key"],
+            image_column=source.image_column if images else None,
+            mask_column=source.mask_column,
+        )
 
     def read(done: set[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
@@ -180,8 +222,9 @@ def _shard_pairs(item: dict[str, Any], source: LabelledSource, storage_options: 
         yield _unreadable(item["key"], error)
 
 
-def _tar_pairs(fs: fsspec.AbstractFileSystem, path: str, done: set[str], *, key: str, mask_field: str,
-               images: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def _tar_pairs(
+    fs: fsspec.AbstractFileSystem, path: str, done: set[str], *, key: str, mask_field: str, images: bool
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(sample prefix, pair) of each sample with an image member (its first) but those in `done`. Without `images`
     only the mask members are read."""
 
@@ -195,8 +238,9 @@ def _tar_pairs(fs: fsspec.AbstractFileSystem, path: str, done: set[str], *, key:
             yield prefix, _pair(f"{key}/{prefix}.{image}", fields[image], fields.get(mask_field), error)
 
 
-def _parquet_pairs(fs: fsspec.AbstractFileSystem, path: str, done: set[str], *, key: str, image_column: str | None,
-                   mask_column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _parquet_pairs(
+    fs: fsspec.AbstractFileSystem, path: str, done: set[str], *, key: str, image_column: str | None, mask_column: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(row index, pair) of each row but those in `done`. Without `image_column` only the masks are read."""
     columns = [mask_column] if image_column is None else [image_column, mask_column]
     for row in parquet_rows(fs, path, columns, done):

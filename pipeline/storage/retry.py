@@ -20,15 +20,46 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEFAULT_RETRY_S = 300.0
-_TRANSIENT_ERRNOS = frozenset({
-    errno.EIO, errno.EAGAIN, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET,
-    errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
-})
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    }
+)
 # by name, so that no client library need be installed: builtins, botocore, aiohttp, fsspec
-_TRANSIENT_TYPES = frozenset({"ConnectionError", "TimeoutError", "HTTPClientError", "ClientConnectionError",
-                              "ClientPayloadError", "FSTimeoutError", "IncompleteRead", "ResponseParserError"})
-_THROTTLING_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                               "TooManyRequests", "RequestTimeout", "ServiceUnavailable", "InternalError"})
+_TRANSIENT_TYPES = frozenset(
+    {
+        "ConnectionError",
+        "TimeoutError",
+        "HTTPClientError",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "ResponseParserError",
+    }
+)
+_THROTTLING_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "InternalError",
+    }
+)
 
 
 class StorageUnavailable(Exception):

@@ -3,12 +3,33 @@ and the synthetic tasks of the bundled model (`synthetic`); its config (`config`
 sections tuning shares."""
 
 from pipeline.training.checkpoints import (
-    IntervalReport, complete_checkpoints, latest_checkpoint, read_log, read_trainer_state, write_checkpoint,
+    IntervalReport,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_log,
+    read_trainer_state,
+    write_checkpoint,
 )
 from pipeline.training.config import (
-    LabelledDataConfig, TrainComputeConfig, TrainConfig, TrainOutputConfig, load_train_config,
+    LabelledDataConfig,
+    TrainComputeConfig,
+    TrainConfig,
+    TrainOutputConfig,
+    load_train_config,
 )
 from pipeline.training.train import train
 
-__all__ = ["IntervalReport", "LabelledDataConfig", "TrainComputeConfig", "TrainConfig", "TrainOutputConfig", "complete_checkpoints",
-           "latest_checkpoint", "load_train_config", "read_log", "read_trainer_state", "train", "write_checkpoint"]
+__all__ = [
+    "IntervalReport",
+    "LabelledDataConfig",
+    "TrainComputeConfig",
+    "TrainConfig",
+    "TrainOutputConfig",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_train_config",
+    "read_log",
+    "read_trainer_state",
+    "train",
+    "write_checkpoint",
+]

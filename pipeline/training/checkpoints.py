@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -20,9 +21,16 @@ class IntervalReport:
     """The loss log of a Ray Train worker: every `every` steps (and at the last), the interval's mean loss and
     samples/s go to `records` (the log its checkpoints keep), to Ray Train, and on rank 0 to stdout."""
 
-    def __init__(self, title: str, steps: int, every: int, samples_per_step: int, rank: int,
-                 records: list[dict[str, Any]]) -> None:
-        self.title, self.steps, self.every, self.samples_per_step, self.rank = title, steps, every, samples_per_step, rank
+    def __init__(
+        self, title: str, steps: int, every: int, samples_per_step: int, rank: int, records: list[dict[str, Any]]
+    ) -> None:
+        self.title, self.steps, self.every, self.samples_per_step, self.rank = (
+            title,
+            steps,
+            every,
+            samples_per_step,
+            rank,
+        )
         self.records, self.losses = records, []
         self.started = self.interval_start = time.monotonic()
 
@@ -32,14 +40,21 @@ class IntervalReport:
         if done % self.every and done != self.steps:
             return
         now = time.monotonic()
-        record = {"step": done, "loss": float(np.mean(self.losses)), **metrics,
-                  "samples_per_second": len(self.losses) * self.samples_per_step / (now - self.interval_start),
-                  "seconds": now - self.started}
+        record = {
+            "step": done,
+            "loss": float(np.mean(self.losses)),
+            **metrics,
+            "samples_per_second": len(self.losses) * self.samples_per_step / (now - self.interval_start),
+            "seconds": now - self.started,
+        }
         self.records.append(record)
         if self.rank == 0:
             lr = f"  lr {record['lr']:.2e}" if "lr" in record else ""
-            print(f"{self.title} {done}/{self.steps}  loss {record['loss']:.4f}{lr}  "
-                  f"{record['samples_per_second']:.1f} samples/s", flush=True)
+            print(
+                f"{self.title} {done}/{self.steps}  loss {record['loss']:.4f}{lr}  "
+                f"{record['samples_per_second']:.1f} samples/s",
+                flush=True,
+            )
         ray.train.report(record)
         self.losses, self.interval_start = [], time.monotonic()
 
@@ -73,8 +88,14 @@ def read_log(output_uri: str, storage_options: dict[str, Any]) -> list[dict[str,
         return []
 
 
-def write_checkpoint(output_uri: str, storage_options: dict[str, Any], step: int, write: Callable[[str], None],
-                     optimizer: torch.optim.Optimizer, records: list[dict]) -> None:
+def write_checkpoint(
+    output_uri: str,
+    storage_options: dict[str, Any],
+    step: int,
+    write: Callable[[str], None],
+    optimizer: torch.optim.Optimizer,
+    records: list[dict],
+) -> None:
     """`checkpoint-<step>/` under `output_uri`: `write(its URI)` writes what is trained, then the log and, last (it
     marks the checkpoint complete), `trainer.pt` with the optimizer's state, the step and the log's records."""
     uri = f"{output_uri.rstrip('/')}/checkpoint-{step:07d}"

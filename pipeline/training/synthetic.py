@@ -53,8 +53,9 @@ def random_task(rng: np.random.Generator, num_classes: int | None = None) -> Tas
     return Task(classes=looks, background=colours[n], clutter=colours[n + 1])
 
 
-def render(task: Task, rng: np.random.Generator, size: tuple[int, int], *, presence: float | None = None,
-           scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    task: Task, rng: np.random.Generator, size: tuple[int, int], *, presence: float | None = None, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """One image of `task` at `size` = (height, width) and its label map. Each class appears with probability
     `presence`; by default always when the task has at most three classes, else with probability 0.8. `scale`
     multiplies the classes' sizes."""
@@ -80,8 +81,14 @@ def task_pair(rng: np.random.Generator, size: tuple[int, int], num_classes: int 
     return (*render(task, rng, size), *render(task, rng, size))
 
 
-def _draw(canvas: Image.Image, labels: Image.Image | None, look: ClassLook, label: int, rng: np.random.Generator,
-          scale: float = 1.0) -> None:
+def _draw(
+    canvas: Image.Image,
+    labels: Image.Image | None,
+    look: ClassLook,
+    label: int,
+    rng: np.random.Generator,
+    scale: float = 1.0,
+) -> None:
     width, height = canvas.size
     radius = max(2, int(min(width, height) * rng.uniform(*look.size) * scale))
     x, y = (int(rng.integers(radius // 2, side - radius // 2)) for side in (width, height))
@@ -100,8 +107,12 @@ def _draw(canvas: Image.Image, labels: Image.Image | None, look: ClassLook, labe
         pen.ellipse((x - inner, y - inner, x + inner, y + inner), fill=0)
     else:  # bar: long and thin, horizontal or vertical
         thin = max(2, radius // 3)
-        pen.rectangle((x - radius, y - thin, x + radius, y + thin) if rng.random() < 0.5
-                      else (x - thin, y - radius, x + thin, y + radius), fill=255)
+        pen.rectangle(
+            (x - radius, y - thin, x + radius, y + thin)
+            if rng.random() < 0.5
+            else (x - thin, y - radius, x + thin, y + radius),
+            fill=255,
+        )
     canvas.paste(Image.fromarray(_texture(look, rng, (height, width))), (0, 0), mask)
     if labels is not None:
         labels.paste(label, (0, 0), mask)

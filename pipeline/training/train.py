@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -31,7 +32,13 @@ from model import SegGpt, SegGptConfig, check_checkpoint, load_model
 from model.training import pair_batch, save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
-from pipeline.training.checkpoints import IntervalReport, latest_checkpoint, read_log, read_trainer_state, write_checkpoint
+from pipeline.training.checkpoints import (
+    IntervalReport,
+    latest_checkpoint,
+    read_log,
+    read_trainer_state,
+    write_checkpoint,
+)
 from pipeline.training.config import TrainConfig, load_train_config
 from pipeline.training.synthetic import task_pair
 
@@ -48,8 +55,10 @@ class TrainSummary:
     checkpoint: str
 
     def __str__(self) -> str:
-        return (f"trained steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s, "
-                f"{self.samples_per_second:.1f} samples/s; checkpoint: {self.checkpoint}")
+        return (
+            f"trained steps {self.first_step}..{self.steps}: loss {self.loss:.4f}, {self.seconds:.0f} s, "
+            f"{self.samples_per_second:.1f} samples/s; checkpoint: {self.checkpoint}"
+        )
 
 
 def synthetic_batch(seed: int, step: int, rank: int, batch_size: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -86,16 +95,27 @@ def train(
     # Ray Train holds its workers' CPUs for the whole fit: where they are all the cluster has free, read tasks that
     # ask for a CPU would wait forever, so they ask for none and share the workers' cores.
     spare_cpus = ray.available_resources().get("CPU", 0) - config.compute.workers * config.compute.cpus_per_worker
-    datasets = {} if data.uri is None else {
-        "train": read_labelled(items, source, options, model_config.input_size, data.num_classes,
-                               num_cpus=0.5 if spare_cpus >= 0.5 else 0)}
+    datasets = (
+        {}
+        if data.uri is None
+        else {
+            "train": read_labelled(
+                items,
+                source,
+                options,
+                model_config.input_size,
+                data.num_classes,
+                num_cpus=0.5 if spare_cpus >= 0.5 else 0,
+            )
+        }
+    )
     trainer = TorchTrainer(
         _train_loop,
         datasets=datasets,
-        train_loop_config={"config": config.to_dict(redact=False),
-                           "resume": None if resume is None else list(resume)},
-        scaling_config=ScalingConfig(num_workers=config.compute.workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={"config": config.to_dict(redact=False), "resume": None if resume is None else list(resume)},
+        scaling_config=ScalingConfig(
+            num_workers=config.compute.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
     )
     started = time.monotonic()
     trainer.fit()
@@ -184,8 +204,14 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         done = step + 1
         report.add(done, loss.item(), lr=optimizer.param_groups[0]["lr"], skipped=skipped)
         if rank == 0 and (done % loop.checkpoint_every == 0 or done == loop.steps):
-            write_checkpoint(config.output.uri, options, done, lambda uri: save_checkpoint(plain_model, uri, options),
-                             optimizer, records)
+            write_checkpoint(
+                config.output.uri,
+                options,
+                done,
+                lambda uri: save_checkpoint(plain_model, uri, options),
+                optimizer,
+                records,
+            )
 
 
 def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[dict, int]]:
@@ -193,8 +219,9 @@ def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> 
     skipped, pending = 0, []
     while True:
         usable_in_pass = 0
-        for rows in shard.iter_batches(batch_size=2 * batch_size, batch_format="numpy",
-                                       local_shuffle_buffer_size=8 * batch_size):
+        for rows in shard.iter_batches(
+            batch_size=2 * batch_size, batch_format="numpy", local_shuffle_buffer_size=8 * batch_size
+        ):
             usable = rows["error"] == ""
             skipped += int((~usable).sum())
             usable_in_pass += int(usable.sum())
@@ -202,8 +229,10 @@ def _labelled_batches(shard: Any, batch_size: int, rng: np.random.Generator) -> 
             while len(pending) >= 2 * batch_size:
                 take, pending = pending[: 2 * batch_size], pending[2 * batch_size :]
                 images, labels = (np.stack(part) for part in zip(*take))
-                yield pair_batch(images[:batch_size], labels[:batch_size], images[batch_size:], labels[batch_size:],
-                                 rng), skipped
+                yield (
+                    pair_batch(images[:batch_size], labels[:batch_size], images[batch_size:], labels[batch_size:], rng),
+                    skipped,
+                )
         if usable_in_pass == 0:
             raise ValueError(f"no usable labelled pairs in this worker's share of the data ({skipped} skipped)")
 
@@ -214,5 +243,3 @@ def _learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (_MIN_LR_SHARE + (1 - _MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
