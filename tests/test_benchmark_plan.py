@@ -58,3 +58,15 @@ def test_plan_keys_sort_as_the_inputs():
     keys = [plan_key(i, INPUTS) for i in range(INPUTS)]
     assert keys == sorted(keys) and len(set(keys)) == INPUTS
     assert plan_key(456, 1_000_000) == "d0000/img000456.jpg" and plan_key(123_456, 1_000_000) == "d0123/img000456.jpg"
+
+
+def test_plan_from_a_manifest_lists_nothing_and_finds_the_same_work(tmp_path):
+    synthesise_plan_data(tmp_path, INPUTS, ROWS, 100, log=lambda line: None, manifest=True)
+    assert not (tmp_path / "inputs").exists()  # only the manifest says what the inputs are
+
+    manifest = str(tmp_path / "manifest.parquet")
+    numbers, work = plan_steps(str(tmp_path / "inputs"), str(tmp_path / "out"), CountingFileSystem(), manifest)
+
+    assert "read_manifest" in numbers["steps"] and numbers["listed"] == INPUTS
+    assert work["key"].to_pylist() == plan_expected_pending(INPUTS, ROWS)
+    assert work["source"][0].as_py() == f"file://{tmp_path}/inputs/{work['key'][0].as_py()}"

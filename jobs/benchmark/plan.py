@@ -1,7 +1,8 @@
 """`plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local
 tree of N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files,
 error rows in files of their own, a mask of B random bytes per ok row), then, in a fresh process, runs the planning
-steps of `pipeline.labelling.job.autolabel` (listing, resume index, done keys, shard counts, work items) and
+steps of `pipeline.labelling.job.autolabel` (listing, or with `--manifest` reading a Parquet manifest of the keys
+instead of files, resume index, done keys, shard counts, work items) and
 reports the time of each, the driver's peak and baseline RSS, and the bytes the resume index read as a share of
 `labels/`'s size.
 """
@@ -120,10 +121,12 @@ class _StepMeter:
         return result
 
 
-def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tuple[dict, pa.Table]:
+def plan_steps(
+    inputs_uri: str, output_root: str, fs: CountingFileSystem, manifest: str | None = None
+) -> tuple[dict, pa.Table]:
     """The planning of `pipeline.labelling.job.autolabel` on a resume (on_mismatch refuse), step by step, in its
-    order: listing (in `plan`), index, foreign labels (the refusal check), then `_pending_work`: done keys, skipped,
-    work items.
+    order: listing or reading `manifest` (in `plan`), index, foreign labels (the refusal check), then
+    `_pending_work`: done keys, skipped, work items.
 
     Returns the numbers of each step (seconds; RSS and peak RSS after it, KiB; Arrow's allocation after it) and
     the work items. Keeps what autolabel keeps alive (listing, index, done keys, work) until the end.
@@ -131,9 +134,13 @@ def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tup
     from pipeline.labelling import InputConfig
     from pipeline.labelling.plan import done_keys, foreign_labels, pending_inputs, read_index, shard_images, shard_of
     from pipeline.storage.listing import list_inputs
+    from pipeline.storage.manifest import read_manifest
 
     step = _StepMeter()
-    listing = step("list_inputs", lambda: list_inputs(InputConfig(uri=inputs_uri), {}))
+    if manifest:
+        listing = step("read_manifest", lambda: read_manifest(InputConfig(uri=inputs_uri, manifest=manifest), {}))
+    else:
+        listing = step("list_inputs", lambda: list_inputs(InputConfig(uri=inputs_uri), {}))
     fs.bytes_read = 0
     before = step("read_index", lambda: read_index(fs, output_root))
     index = step("index_table", before.table)
@@ -166,12 +173,12 @@ def plan_steps(inputs_uri: str, output_root: str, fs: CountingFileSystem) -> tup
     return numbers, work
 
 
-def _plan_child(inputs_uri: str, output_root: str) -> None:
+def _plan_child(inputs_uri: str, output_root: str, manifest: str | None) -> None:
     """Body of the measuring process: import what the job's driver imports, then plan and print JSON."""
     import pipeline.labelling.job  # noqa: F401  (torch, Ray, pyarrow, fsspec: the driver's baseline)
 
     baseline = {"rss_kib": rss_kib(), "import_peak_rss_kib": peak_kib()}
-    numbers, _ = plan_steps(inputs_uri, output_root, CountingFileSystem())
+    numbers, _ = plan_steps(inputs_uri, output_root, CountingFileSystem(), manifest)
     numbers["baseline"] = baseline
     numbers["peak_rss_kib"] = peak_kib()  # ru_maxrss over the process's life: the imports' peak included
     numbers["end_rss_kib"] = rss_kib()
@@ -227,16 +234,18 @@ def _print_numbers(numbers: dict, labels_bytes: int, share: float, expected: int
 def benchmark_plan(args: argparse.Namespace) -> None:
     """Synthesise (or reuse) the data, plan in a fresh process, print what each step took."""
     directory = Path(args.dir).resolve()
-    made = synthesise_plan_data(directory, args.inputs, args.rows, args.mask_bytes)
+    made = synthesise_plan_data(directory, args.inputs, args.rows, args.mask_bytes, manifest=args.manifest)
     labels = directory / "out" / "labels"
     files, labels_bytes = _labels_size(labels)
     if args.cold:
         _evict(labels)
-    numbers = run_child(_plan_child, str(directory / "inputs"), str(directory / "out"))
+    manifest = str(directory / "manifest.parquet") if args.manifest else None
+    numbers = run_child(_plan_child, str(directory / "inputs"), str(directory / "out"), manifest)
     share = numbers["index_bytes_read"] / labels_bytes if labels_bytes else 0.0
     expected = len(plan_expected_pending(args.inputs, args.rows))
+    source = "a Parquet manifest" if args.manifest else f"local tree, {min(PLAN_MAX_FOLDERS, args.inputs)} folders"
     print(
-        f"plan: {args.inputs} inputs (local tree, {min(PLAN_MAX_FOLDERS, args.inputs)} folders), {args.rows} labelled "
+        f"plan: {args.inputs} inputs ({source}), {args.rows} labelled "
         f"rows in {files} files of <= {PLAN_ROWS_PER_FILE} rows ({args.mask_bytes} mask bytes per ok row), "
         f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs; data in {directory}"
         + (
@@ -253,6 +262,7 @@ def benchmark_plan(args: argparse.Namespace) -> None:
             "rows": args.rows,
             "mask_bytes": args.mask_bytes,
             "cold": args.cold,
+            "manifest": args.manifest,
             "labels_files": files,
             "labels_bytes": labels_bytes,
             "index_share": share,
@@ -276,5 +286,6 @@ def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=os.path.join(tempfile.gettempdir(), "seggpt-plan-bench"),
         help="where the synthetic data is made, or reused when it is there",
     )
+    parser.add_argument("--manifest", action="store_true", help="read the inputs from a manifest, list nothing")
     parser.add_argument("--cold", action="store_true", help="drop labels/ from the page cache before measuring")
     return finish_parser(parser, benchmark_plan)

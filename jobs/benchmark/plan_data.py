@@ -44,9 +44,16 @@ def plan_expected_pending(inputs: int, rows: int) -> list[str]:
 
 
 def synthesise_plan_data(
-    directory: Path, inputs: int, rows: int, mask_bytes: int, log: Callable[[str], None] = print
+    directory: Path,
+    inputs: int,
+    rows: int,
+    mask_bytes: int,
+    log: Callable[[str], None] = print,
+    *,
+    manifest: bool = False,
 ) -> dict[str, float]:
-    """`directory/inputs/` (empty .jpg files) and `directory/out/labels/` (rows as the job writes them).
+    """`directory/inputs/` (empty .jpg files) and `directory/out/labels/` (rows as the job writes them); with
+    `manifest`, `directory/manifest.parquet` (the inputs' keys) instead of the files.
 
     Each part is made once: a marker file (outside both trees) records what it holds, and a rerun with the same
     sizes reuses it. Returns the seconds spent on each part (0 when reused).
@@ -54,7 +61,14 @@ def synthesise_plan_data(
     directory.mkdir(parents=True, exist_ok=True)
     made = {"inputs_s": 0.0, "labels_s": 0.0}
     want_inputs = {"inputs": inputs}
-    if _marker(directory / "inputs.done.json") != want_inputs:
+    marker = directory / ("manifest.done.json" if manifest else "inputs.done.json")
+    if manifest and _marker(marker) != want_inputs:
+        start = time.perf_counter()
+        _write_manifest(directory / "manifest.parquet", inputs)
+        marker.write_text(json.dumps(want_inputs))
+        made["inputs_s"] = time.perf_counter() - start
+        log(f"synthesised a manifest of {inputs} keys in {made['inputs_s']:.1f} s")
+    if not manifest and _marker(marker) != want_inputs:
         start = time.perf_counter()
         _write_inputs(directory / "inputs", inputs)
         (directory / "inputs.done.json").write_text(json.dumps(want_inputs))
@@ -95,6 +109,16 @@ def _write_inputs(folder: Path, inputs: int) -> None:
 
     with ThreadPoolExecutor(_SYNTH_THREADS) as pool:
         list(pool.map(make_folder, range(folders)))
+
+
+def _write_manifest(path: Path, inputs: int) -> None:
+    """A Parquet manifest of the keys `plan_key(i)`, written a million at a time."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, pa.schema([pa.field("key", pa.string())])) as writer:
+        for first in range(0, inputs, 1_000_000):
+            keys = [plan_key(i, inputs) for i in range(first, min(inputs, first + 1_000_000))]
+            writer.write_table(pa.table({"key": pa.array(keys, pa.string())}))
 
 
 def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_bytes: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import NonNegativeFloat, PositiveInt, field_validator
+from pydantic import NonNegativeFloat, PositiveInt, field_validator, model_validator
 
 from pipeline.config import (
     LIST_AS_TUPLE,
@@ -30,12 +30,19 @@ from pipeline.prompts import PromptsConfig
 
 class InputConfig(Section):
     uri: Locations
+    manifest: Location | None = None  # the inputs' keys under `uri` (pipeline.storage.manifest): nothing is listed
     format: Format = "auto"
     image_column: Text = "image"
     exif_transpose: bool = True
     jpeg_draft: bool = False
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS  # more are refused before decoding; Pillow's own limit is 179 M
     config_key: ClassVar[str] = "input.uri"  # named in listing errors
+
+    @model_validator(mode="after")
+    def _one_root(self) -> InputConfig:
+        if self.manifest and not isinstance(self.uri, str):
+            raise ValueError("with input.manifest, input.uri is one URI: the folder its keys are relative to")
+        return self
 
     @property
     def uris(self) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ from pipeline.prompts import PromptSet, load_prompt_set
 from pipeline.storage.formats import read_inputs
 from pipeline.storage.lease import OutputLease
 from pipeline.storage.listing import list_inputs
+from pipeline.storage.manifest import read_manifest
 from pipeline.storage.output import RAN_COLUMNS, OutputError, prepare_output, read_job_file, write_job_files
 from pipeline.storage.retry import Retry, storage_failure
 
@@ -111,7 +112,10 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
         ),
         config.prompts.uri,
     )
-    inputs = retry(lambda: list_inputs(config.input, options), " ".join(config.input.uris))
+    if config.input.manifest:
+        inputs = retry(lambda: read_manifest(config.input, options), config.input.manifest)
+    else:
+        inputs = retry(lambda: list_inputs(config.input, options), " ".join(config.input.uris))
     fingerprint = retry(lambda: _fingerprint(checkpoint, model_config, options), checkpoint)
     return Plan(config, prompts, model_config, fingerprint, inputs)
 

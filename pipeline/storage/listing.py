@@ -85,7 +85,7 @@ def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Tab
     listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
     del found, keys
     pa.default_memory_pool().release_unused()  # hand the copies made on the way back to the system
-    _check_unique(listing, input_cfg.config_key)
+    check_unique(listing, input_cfg.config_key)
     return listing
 
 
@@ -97,7 +97,7 @@ def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any], key: str) 
         root, paths = _expand(fs, path, uri, key)
     finally:
         fs.invalidate_cache()
-    kinds = _kinds(paths, wanted)
+    kinds = input_kinds(paths, wanted)
     if kinds.null_count:
         keep = pc.is_valid(kinds)
         paths, kinds = paths.filter(keep), kinds.filter(keep)
@@ -107,7 +107,7 @@ def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any], key: str) 
     return root, pa.table({"path": paths, "source": sources, "kind": kinds})
 
 
-def _kinds(paths: pa.Array, wanted: str) -> pa.Array:
+def input_kinds(paths: pa.Array, wanted: str) -> pa.Array:
     """Each path's input kind by its extension (any case); null for other and hidden files."""
     names = pc.utf8_lower(pc.struct_field(pc.extract_regex(paths, r"(?P<name>[^/]*)$"), [0]))
     rules = {
@@ -178,8 +178,9 @@ def _common_folder(folders: list[str]) -> str:
     return "/".join(common)
 
 
-def _check_unique(listing: pa.Table, key: str) -> None:
-    """`listing` is sorted by key, so duplicates are neighbours."""
+def check_unique(listing: pa.Table, key: str) -> None:
+    """Refuse two rows of `listing` (sorted by key, so duplicates are neighbours) with one key; `key` names where
+    the inputs came from."""
     keys = listing["key"].combine_chunks()
     same = pc.equal(keys[1:], keys[:-1]) if len(keys) > 1 else pa.array([], pa.bool_())
     duplicates = pc.indices_nonzero(same)
