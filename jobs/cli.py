@@ -5,6 +5,7 @@ prompts, or run the bundled demo.
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel evaluate OUTPUT_URI --truth URI [--ignore-index 255|none] [--lowest N] [--json URI]
     seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
+        [--names stem|key] [--images copy|link] [--val-fraction F] [--seed N]
     seggpt-autolabel review OUTPUT_URI [--sample N] [--lowest N] [--class NAME] [--to URI]
     seggpt-autolabel select-prompts POOL_URI --checkpoint URI --k MAX --classes a,b [--val-fraction F] [--to URI]
     seggpt-autolabel tune CONFIG.yaml [--set section.key=value ...]
@@ -31,7 +32,7 @@ from model import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.labelling import autolabel, dry_run
 from pipeline.prompts import PromptSetError, SelectionError, select_prompts, tune
-from pipeline.results import FORMATS, ExportError, ReviewError, evaluate, export, report, review, table
+from pipeline.results import FORMATS, IMAGES, NAMES, ExportError, ReviewError, evaluate, export, report, review, table
 from pipeline.storage.listing import InputError
 from pipeline.storage.output import OutputError
 from pipeline.storage.retry import storage_failure
@@ -173,6 +174,19 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "--classes", type=_names, metavar="A,B", help="only these classes (the others become background)"
     )
     parser.add_argument("--min-area", type=int, default=0, metavar="PX", help="drop regions smaller than this")
+    parser.add_argument(
+        "--names",
+        choices=NAMES,
+        default="stem",
+        help="yolo-seg, masks: name files by the key without its extension (default), or by the whole key",
+    )
+    parser.add_argument(
+        "--images", choices=IMAGES, default="copy", help="yolo-seg: copy the images (default), or link local ones"
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.0, metavar="F", help="yolo-seg: about this share of keys to val/"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="yolo-seg: the seed of the train/val split")
     _add_storage_options(parser, "fsspec options for both URIs")
 
 
@@ -184,6 +198,10 @@ def _export(args: argparse.Namespace) -> None:
             to=args.to,
             classes=args.classes,
             min_area=args.min_area,
+            names=args.names,
+            images=args.images,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
             storage_options=args.storage_options,
         )
     )

@@ -5,14 +5,18 @@ were WebDataset shards."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import supervision as sv
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as coco_mask
+from test_job import encoded, picture
 from test_write import batch, result
 
 from jobs.cli import main as cli
@@ -51,28 +55,42 @@ def scene(seed: int) -> tuple[np.ndarray, dict[int, int]]:
 
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path) -> tuple[str, dict, dict[str, np.ndarray]]:
-    """A job output of 150 ok rows of hand-drawn maps in three labels files, and 5 error rows."""
+    """A job output of 150 ok rows of hand-drawn maps in three labels files, and 5 error rows; the images are there
+    (`source`), beside the output."""
     if request.param == "local":
         uri, options = str(tmp_path / "out"), {}
     else:
         bucket, options = request.getfixturevalue("s3_bucket")
         uri = f"{bucket}/out"
     maps = {f"day/{i:03d}.jpg": scene(i)[0] for i in range(150)}
+    write_output(uri, options, maps, errors=5)
+    return uri, options, maps
+
+
+def write_output(uri: str, options: dict, maps: dict[str, np.ndarray], errors: int = 0) -> None:
+    """A job output of an ok row per class map (in files of 52 rows) and `errors` error rows, with a picture per
+    key in `images/` beside it, the rows' `source`."""
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    images = f"{root.rpartition('/')[0]}/images"
+    for i, (key, labels) in enumerate(maps.items()):
+        fs.makedirs(f"{images}/{key}".rpartition("/")[0], exist_ok=True)
+        image_format = "PNG" if key.endswith(".png") else "JPEG"
+        fs.pipe_file(f"{images}/{key}", encoded(picture(i, labels.shape[::-1]), image_format))
     rows = [
         {
             **result(key),
+            "source": fs.unstrip_protocol(f"{images}/{key}"),
             "width": labels.shape[1],
             "height": labels.shape[0],
             "mask": encode_png(labels, build_palette(2)),
         }
         for key, labels in maps.items()
     ]
-    rows += [result(f"broken/{i}.jpg", ok=False) for i in range(5)]
+    rows += [result(f"broken/{i}.jpg", ok=False) for i in range(errors)]
     writer = LabelWriter(uri, options, png=False)
     for start in range(0, len(rows), 52):
         writer(batch(rows[start : start + 52]))
     write_job_files(uri, options, {"classes": CLASSES}, success=True)
-    return uri, options, maps
 
 
 def read_json(uri: str, options: dict) -> dict:
@@ -119,38 +137,127 @@ def test_masks_round_trip_and_a_class_subset(output, tmp_path):
     uri, options, maps = output
     assert export(uri, "masks", storage_options=options).images == 150
     fs, root = fsspec.core.url_to_fs(f"{uri}/export/masks", **options)
-    for key, labels in maps.items():
-        assert np.array_equal(np.asarray(Image.open(fs.open(f"{root}/{key}.png"))), labels)
+    for key, labels in maps.items():  # day/000.jpg -> day/000.png, as mmsegmentation and Detectron2 pair them
+        assert np.array_equal(np.asarray(Image.open(fs.open(f"{root}/{key.removesuffix('.jpg')}.png"))), labels)
 
     to = str(tmp_path / "discs")
-    summary = export(uri, "masks", to=to, classes=["disc"], min_area=1, storage_options=options)
+    summary = export(uri, "masks", to=to, classes=["disc"], min_area=1, names="key", storage_options=options)
     assert summary.regions == 150 * 2
     for key, labels in maps.items():
         assert np.array_equal(np.asarray(Image.open(f"{to}/{key}.png")), np.where(labels == 2, 2, 0))
 
 
-def test_yolo_polygons_cover_their_regions(output, tmp_path):
+def ultralytics_pairs(data_yaml: str) -> dict[str, list[tuple[str, str]]]:
+    """(image, label) paths per split, found the way Ultralytics documents it (its `check_det_dataset` and
+    `img2label_paths`; `ultralytics` itself cannot be imported beside the CPU torch wheel, as it needs torchvision):
+    `train` and `val` are required, resolved against `path` (or the YAML's folder); a label is the image's path with
+    its last `/images/` made `/labels/` and its extension `.txt`."""
+    data = yaml.safe_load(open(data_yaml))
+    assert data.get("train") and data.get("val") and data.get("names"), data
+    root = Path(data.get("path") or Path(data_yaml).parent)
+    assert root.is_absolute()  # a relative `path` would be taken relative to Ultralytics' DATASETS_DIR
+    pairs = {}
+    for split in ("train", "val"):
+        folder = (root / data[split]).resolve()
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower()[1:] in ULTRALYTICS_IMAGE_FORMATS)
+        labels = [
+            f"{os.sep}labels{os.sep}".join(str(p).rsplit(f"{os.sep}images{os.sep}", 1)).rsplit(".", 1)[0] + ".txt"
+            for p in images
+        ]
+        pairs[split] = list(zip(map(str, images), labels))
+    return pairs
+
+
+ULTRALYTICS_IMAGE_FORMATS = {"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm", "heic"}
+
+
+def test_yolo_seg_is_a_dataset_ultralytics_and_supervision_read(output, tmp_path):
     uri, options, maps = output
     to = str(tmp_path / "yolo")
-    summary = export(uri, "yolo-seg", to=to, min_area=20, storage_options=options)  # the specks go
-    assert summary.regions == 150 * 4
+    summary = export(uri, "yolo-seg", to=to, min_area=20, val_fraction=0.3, seed=1, storage_options=options)
+    assert summary.regions == 150 * 4  # the specks go
+
     data = yaml.safe_load(open(f"{to}/data.yaml"))
-    assert data["nc"] == 2 and data["names"] == {0: "bar", 1: "disc"}
-    for key, labels in maps.items():
-        height, width = labels.shape
-        lines = open(f"{to}/labels/{key[:-4]}.txt").read().splitlines()
-        assert sorted(int(line.split()[0]) for line in lines) == [0, 0, 1, 1]
-        for line in lines:
-            number, *values = line.split()
-            points = np.round(np.array(values, float).reshape(-1, 2) * (width, height))  # back to pixel centres
-            canvas = Image.new("1", (width, height))
-            ImageDraw.Draw(canvas).polygon([tuple(point) for point in points], fill=1)
-            polygon = np.asarray(canvas)
-            class_pixels = labels == int(number) + 1
-            region = _component_of(class_pixels, polygon & class_pixels)
-            if region.sum() > 100:
-                iou = (polygon & region).sum() / (polygon | region).sum()
-                assert iou >= 0.95, (key, number, iou)
+    assert data == {"path": to, "train": "images/train", "val": "images/val", "names": {0: "bar", 1: "disc"}}
+    pairs = ultralytics_pairs(f"{to}/data.yaml")
+    keys = {
+        split: sorted(str(Path(image).relative_to(f"{to}/images/{split}")) for image, _ in found)
+        for split, found in pairs.items()
+    }
+    assert sorted(keys["train"] + keys["val"]) == sorted(maps)  # each image once, with its key as its name
+    assert 0.15 < len(keys["val"]) / len(maps) < 0.45  # about 30 %
+    for split, found in pairs.items():
+        for image, label in found:
+            assert os.path.isfile(label), label  # every image has its label where Ultralytics looks
+            key = str(Path(image).relative_to(f"{to}/images/{split}"))
+            assert np.asarray(Image.open(image)).shape[:2] == maps[key].shape  # the image itself, copied
+
+    for split in ("train", "val"):  # supervision reads it back (a folder at a time); each polygon covers its region
+        dataset = sv.DetectionDataset.from_yolo(
+            images_directory_path=f"{to}/images/{split}/day",
+            annotations_directory_path=f"{to}/labels/{split}/day",
+            data_yaml_path=f"{to}/data.yaml",
+            force_masks=True,
+        )
+        assert dataset.classes == ["bar", "disc"] and len(dataset) == len(keys[split])
+        for path, _, detections in dataset:
+            labels = maps[str(Path(path).relative_to(f"{to}/images/{split}"))]
+            assert sorted(detections.class_id.tolist()) == [0, 0, 1, 1]
+            for mask, number in zip(detections.mask, detections.class_id):
+                class_pixels = labels == number + 1
+                region = _component_of(class_pixels, mask & class_pixels)
+                if region.sum() > 100:
+                    iou = (mask & region).sum() / (mask | region).sum()
+                    assert iou >= 0.95, (path, number, iou)
+
+    again = str(tmp_path / "again")  # the split is the same in another export with the same seed
+    export(uri, "yolo-seg", to=again, val_fraction=0.3, seed=1, storage_options=options)
+    assert (
+        sorted(str(p.relative_to(f"{again}/images/val")) for p in Path(f"{again}/images/val").rglob("*.jpg"))
+        == (keys["val"])
+    )
+
+
+def test_keys_that_share_a_stem_keep_their_key_and_images_can_be_linked(tmp_path, capsys):
+    """`a.jpg` and `a.png` would both be `a.png` (masks) or `a.txt` (YOLO): they keep their whole key, and the
+    export says so. The YOLO images are links to the sources (`--images link`, through the CLI); COCO is read back
+    by supervision, every pixel."""
+    uri = str(tmp_path / "out")
+    maps = {key: scene(i)[0] for i, key in enumerate(["a.jpg", "a.png", "sub/b.jpg", "sub/b.jpeg.jpg"])}
+    write_output(uri, {}, maps)
+
+    summary = export(uri, "masks", to=str(tmp_path / "masks"))
+    assert summary.named_by_key == ["a.jpg", "a.png"]
+    assert "2 keys share a stem with another key, named by the whole key: a.jpg, a.png" in str(summary)
+    written = sorted(str(p.relative_to(tmp_path / "masks")) for p in (tmp_path / "masks").rglob("*.png"))
+    assert written == ["a.jpg.png", "a.png.png", "sub/b.jpeg.png", "sub/b.png"]
+    for key, name in [("a.jpg", "a.jpg"), ("a.png", "a.png"), ("sub/b.jpg", "sub/b"), ("sub/b.jpeg.jpg", "sub/b.jpeg")]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{name}.png")), maps[key])
+
+    to = tmp_path / "yolo"
+    assert cli(["export", uri, "--format", "yolo-seg", "--images", "link", "--to", str(to)]) == 0
+    assert "2 keys share a stem" in capsys.readouterr().out
+    pairs = ultralytics_pairs(str(to / "data.yaml"))
+    assert pairs["train"] == pairs["val"]  # no split: both are the one folder
+    found = {str(Path(image).relative_to(to / "images" / "train")): label for image, label in pairs["train"]}
+    assert sorted(found) == ["a.jpg.jpg", "a.png.png", "sub/b.jpeg.jpg", "sub/b.jpg"]
+    for name, label in found.items():
+        assert os.path.isfile(label) and os.path.islink(to / "images" / "train" / name)
+    assert os.readlink(to / "images" / "train" / "a.png.png") == str(tmp_path / "images" / "a.png")
+
+    assert export(uri, "coco", to=str(tmp_path / "coco")).images == 4
+    dataset = sv.DetectionDataset.from_coco(
+        images_directory_path=str(tmp_path / "images"),
+        annotations_path=str(tmp_path / "coco" / "instances.json"),
+        force_masks=True,
+    )
+    assert len(dataset) == 4
+    for path, _, detections in dataset:
+        labels = maps[str(Path(path).relative_to(tmp_path / "images"))]
+        painted = np.zeros_like(labels)
+        for mask, class_id in zip(detections.mask, detections.class_id):
+            painted[mask] = CLASSES.index(dataset.classes[class_id])  # the job's class id of supervision's class
+        assert np.array_equal(painted, labels)
 
 
 def _component_of(pixels: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -204,6 +311,6 @@ def test_outputs_from_before_class_scores_still_export_and_review(tmp_path):
 
     assert export(uri, "masks", to=str(tmp_path / "masks")).images == 3
     for key, labels in maps.items():
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{key}.png")), labels)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{key[:-4]}.png")), labels)
     pictured = review(uri, lowest=3)
     assert len(pictured.overlays) == 3 and pictured.unreadable == []

@@ -11,7 +11,6 @@ and compared with its label map at the model's input size. The result is an `Eva
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -22,24 +21,20 @@ import torch
 from model import load_model
 from model.processing import build_palette, masks_to_class_ids, normalize
 from pipeline.results import Evaluation, overlap
-
-
-def _share(key: str, seed: int) -> float:
-    """Where a key falls in [0, 1): a hash of seed and key."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+from pipeline.storage.listing import key_share
 
 
 def validation_bound(keys: list[str], fraction: float, seed: int) -> float:
     """The share below which a key is held out: exactly round(fraction * len(keys)) keys are (at least 1, and at most
     all but one), the keys of smallest hash share; the same keys in every run over the same pool."""
-    shares = np.sort([_share(key, seed) for key in keys])
+    shares = np.sort([key_share(key, seed) for key in keys])
     count = min(max(round(fraction * len(shares)), 1), len(shares) - 1)
     return float(shares[count]) if count > 0 else 0.0
 
 
 def in_validation(keys: np.ndarray, bound: float, seed: int) -> np.ndarray:
     """bool per key: whether it belongs to the validation part (its hash share below `validation_bound`'s)."""
-    return np.array([_share(str(key), seed) < bound for key in keys], dtype=bool)
+    return np.array([key_share(str(key), seed) < bound for key in keys], dtype=bool)
 
 
 def split_rows(rows: ray.data.Dataset, fraction: float, seed: int, num_labels: int) -> ray.data.Dataset:

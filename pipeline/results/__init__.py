@@ -2,12 +2,14 @@
 (`export`) and looking at them (`review`)."""
 
 from pipeline.results.evaluate import evaluate, report, table
-from pipeline.results.export import FORMATS, ExportError, export
+from pipeline.results.export import FORMATS, IMAGES, NAMES, ExportError, export
 from pipeline.results.metrics import Evaluation, bootstrap, class_iou, mean_iou, overlap
 from pipeline.results.review import ReviewError, review
 
 __all__ = [
     "FORMATS",
+    "IMAGES",
+    "NAMES",
     "Evaluation",
     "ExportError",
     "ReviewError",

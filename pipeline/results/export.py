@@ -3,11 +3,17 @@
 - `coco`: one COCO instances JSON: a category per class, an annotation per connected region (8-connected) of a class,
   as a compressed RLE (`pycocotools`) with `area` and `bbox`; images by key, with their sizes. CVAT, Label Studio,
   FiftyOne and Detectron2 import it.
-- `yolo-seg`: a YOLO segmentation text file per image (`<key without its extension>.txt`: a line `class x1 y1 x2 y2
-  ...` per region, normalised to [0, 1]) and a `data.yaml` with the class names. A region's polygon is its outer
-  contour (OpenCV), with each hole joined in through a zero-width bridge to its nearest point, so that filling the
-  polygon leaves the hole out. YOLO class numbers count the exported classes from 0.
-- `masks`: a plain label-map PNG per image (`<key>.png`, pixel = class id, 8-bit; 16-bit above 255 classes).
+- `yolo-seg`: a dataset Ultralytics trains on as written: `images/<split>/<name>.<ext>` (the images, copied or, for
+  local sources and target, linked), `labels/<split>/<name>.txt` (a line `class x1 y1 x2 y2 ...` per region,
+  normalised to [0, 1]) and `data.yaml` (`path` where the target is local, `train`, `val`, `names`). The split is
+  `train` and, with `val_fraction`, `val`: about that share of the keys, by a hash of seed and key. A region's
+  polygon is its outer contour (OpenCV), with each hole joined in through a zero-width bridge to its nearest point,
+  so that filling the polygon leaves the hole out. YOLO class numbers count the exported classes from 0.
+- `masks`: a plain label-map PNG per image (`<name>.png`, pixel = class id, 8-bit; 16-bit above 255 classes).
+
+A file's `<name>` is its key without the image extension (`day/a.jpg` → `day/a`), as training tools pair an image
+with its label; a key whose stem another key shares (`a.jpg` and `a.png`) keeps its whole key (`a.jpg`), and the
+export says which. `names="key"` names every file by its whole key.
 
 Rows are read from `labels/` a Parquet batch at a time, never the whole table; error rows are skipped and counted.
 `classes` keeps only those classes (the others become background), `min_area` drops regions smaller than that many
@@ -18,26 +24,35 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from pycocotools import mask as coco_mask
 
 from model.processing import decode_png
-from pipeline.storage.listing import IMAGE_EXTENSIONS
-from pipeline.storage.output import JOB_FILE, LABELS_DIR, key_path, label_rows
+from pipeline.storage.formats import read_images
+from pipeline.storage.listing import IMAGE_EXTENSIONS, SHARD_MEMBER_KEY, key_share
+from pipeline.storage.output import JOB_FILE, LABELS_DIR, key_path, label_batches, label_rows
 
 FORMATS = ("coco", "yolo-seg", "masks")
+NAMES = ("stem", "key")
+IMAGES = ("copy", "link")
+_IMAGE_EXTENSION = rf"(?i)\.(?:{'|'.join(sorted(IMAGE_EXTENSIONS))})$"
 
 
 class ExportError(ValueError):
@@ -50,11 +65,16 @@ class ExportSummary:
     images: int = 0  # ok rows exported
     skipped: int = 0  # error rows passed over
     regions: int = 0  # COCO annotations / YOLO polygons / regions kept in the masks
+    named_by_key: list[str] = field(default_factory=list)  # keys whose stem another key shares
 
     def __str__(self) -> str:
+        clashes = ""
+        if self.named_by_key:
+            shown = ", ".join(self.named_by_key[:4]) + (", ..." if len(self.named_by_key) > 4 else "")
+            clashes = f"; {len(self.named_by_key)} keys share a stem with another key, named by the whole key: {shown}"
         return (
             f"exported {self.images} images ({self.regions} regions) to {self.target}; "
-            f"skipped {self.skipped} error rows"
+            f"skipped {self.skipped} error rows{clashes}"
         )
 
 
@@ -82,33 +102,51 @@ def export(
     to: str | None = None,
     classes: list[str] | None = None,
     min_area: int = 0,
+    names: str = "stem",
+    images: str = "copy",
+    val_fraction: float = 0.0,
+    seed: int = 0,
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
 ) -> ExportSummary:
-    """Write the labels of the job output at `output_uri` as `fmt` under `to` (default `<output_uri>/export/<fmt>`)."""
-    if fmt not in FORMATS:
-        raise ExportError(f"--format: expected one of {' | '.join(FORMATS)}, got {fmt!r}")
+    """Write the labels of the job output at `output_uri` as `fmt` under `to` (default `<output_uri>/export/<fmt>`).
+
+    `names`, `images`, `val_fraction` and `seed` shape the files of `yolo-seg` and `masks` (module docstring)."""
+    _check_choice("--format", fmt, FORMATS)
+    _check_choice("--names", names, NAMES)
+    _check_choice("--images", images, IMAGES)
+    if not 0 <= val_fraction < 1:
+        raise ExportError(f"--val-fraction: expected a number in [0, 1), got {val_fraction}")
     options = storage_options or {}
     fs, root = fsspec.core.url_to_fs(output_uri, **options)
     try:
-        names = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))["classes"]  # background first
+        job = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))
     except FileNotFoundError:
         raise ExportError(f"{output_uri}: no {JOB_FILE}: not the output of a labelling job") from None
-    kept = _kept_class_ids(names, classes)
+    class_names = job["classes"]  # background first
+    kept = _kept_class_ids(class_names, classes)
     target = (to or f"{output_uri.rstrip('/')}/export/{fmt}").rstrip("/")
     summary = ExportSummary(target=target)
-    writer = {"coco": CocoWriter, "yolo-seg": YoloWriter, "masks": MaskWriter}[fmt](target, names, kept, options)
+    name_of, summary.named_by_key = _file_names(fs, root, names)
+    if fmt == "coco":
+        writer: CocoWriter | YoloWriter | MaskWriter = CocoWriter(target, class_names, kept, options)
+    elif fmt == "masks":
+        writer = MaskWriter(target, class_names, name_of, options)
+    else:
+        image_column = job.get("config", {}).get("input", {}).get("image_column", "image")
+        splits = YoloSplits(val_fraction, seed)
+        writer = YoloWriter(target, class_names, kept, name_of, images, splits, image_column, options)
     files = sorted(fs.find(f"{root}/{LABELS_DIR}"))
     total = sum(_row_count(fs, path) for path in files)
     last_report = time.monotonic()
-    for row in label_rows(fs, root, ["key", "status", "mask"]):
+    for row in label_rows(fs, root, ["key", "source", "status", "mask"]):
         if row["status"] != "ok" or row["mask"] is None:
             summary.skipped += 1
             continue
         class_map = decode_png(row["mask"])
         regions = list(_regions(class_map, kept, min_area))
-        writer.add(row["key"], class_map.shape, regions)
+        writer.add(row["key"], row["source"], class_map.shape, regions)
         summary.images += 1
         summary.regions += len(regions)
         if time.monotonic() - last_report >= progress_every_s:
@@ -116,6 +154,25 @@ def export(
             log(f"export: {summary.images + summary.skipped} of {total} rows")
     writer.close()
     return summary
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ExportError(f"{option}: expected one of {' | '.join(choices)}, got {value!r}")
+
+
+def _file_names(fs: fsspec.AbstractFileSystem, root: str, by: str) -> tuple[Callable[[str], str], list[str]]:
+    """How the files of a key are named (`by`: "stem" or "key"), and the keys named by their whole key since another
+    ok key has their stem (sorted)."""
+    if by == "key":
+        return (lambda key: key), []
+    ok = [batch["key"].filter(pc.equal(batch["status"], "ok")) for batch in label_batches(fs, root, ["key", "status"])]
+    keys = pa.concat_arrays([pa.array([], pa.string()), *ok])
+    stems = pc.replace_substring_regex(keys, _IMAGE_EXTENSION, "")
+    counts = pc.value_counts(stems)
+    shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    clashing = set(keys.filter(pc.is_in(stems, value_set=shared)).to_pylist())
+    return (lambda key: key if key in clashing else _stem(key)), sorted(clashing)
 
 
 def _kept_class_ids(names: list[str], classes: list[str] | None) -> list[int]:
@@ -157,7 +214,7 @@ class CocoWriter:
         self.annotations = open(f"{self.spool.name}/annotations", "w+")
         self.image_id = self.annotation_id = 0
 
-    def add(self, key: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
         self.image_id += 1
         height, width = shape
         _append(self.images, {"id": self.image_id, "file_name": key, "width": width, "height": height})
@@ -199,21 +256,51 @@ def _copy(spool: io.TextIOBase, out: io.TextIOBase) -> None:
     shutil.copyfileobj(spool, out)
 
 
-class YoloWriter:
-    """`labels/<key stem>.txt` per image and `data.yaml`."""
+@dataclass(frozen=True)
+class YoloSplits:
+    """Which split a key goes to: `val` for about `val_fraction` of the keys (by a hash of seed and key), else
+    `train`."""
 
-    def __init__(self, target: str, names: list[str], kept: list[int], options: dict[str, Any]) -> None:
+    val_fraction: float
+    seed: int
+
+    def of(self, key: str) -> str:
+        return "val" if self.val_fraction and key_share(key, self.seed) < self.val_fraction else "train"
+
+
+class YoloWriter:
+    """`images/<split>/`, `labels/<split>/` and `data.yaml`. Images of one shard are read from it once, together
+    (the rows of a shard are neighbours in `labels/`)."""
+
+    def __init__(
+        self,
+        target: str,
+        names: list[str],
+        kept: list[int],
+        name_of: Callable[[str], str],
+        images: str,
+        splits: YoloSplits,
+        image_column: str,
+        options: dict[str, Any],
+    ) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(target, **options)
+        self.name_of, self.images, self.splits, self.options = name_of, images, splits, options
+        self.image_column = image_column
+        local = isinstance(self.fs, LocalFileSystem)
+        if images == "link" and not local:
+            raise ExportError(f"--images link: {target} is not a local folder (use --images copy)")
         self.number = {class_id: number for number, class_id in enumerate(kept)}  # YOLO classes count from 0
+        self.pending: list[dict[str, str]] = []  # images still to write: of one source (a file, or a shard)
         self.fs.makedirs(self.root, exist_ok=True)
         data = {
-            "path": ".",
-            "nc": len(kept),
+            **({"path": self.root} if local else {}),  # elsewhere Ultralytics takes data.yaml's folder
+            "train": "images/train",
+            "val": "images/val" if splits.val_fraction else "images/train",
             "names": {number: names[class_id] for class_id, number in self.number.items()},
         }
         self.fs.pipe_file(f"{self.root}/data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
 
-    def add(self, key: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
         height, width = shape
         lines = []
         for region in regions:
@@ -222,12 +309,46 @@ class YoloWriter:
                 continue
             points = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in outline)
             lines.append(f"{self.number[region.class_id]} {points}\n")
-        path = f"{self.root}/labels/{key_path(_stem(key), '.txt')}"
-        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        self.fs.pipe_file(path, "".join(lines).encode())
+        split, name = self.splits.of(key), self.name_of(key)
+        self._pipe(f"labels/{split}/{key_path(name, '.txt')}", "".join(lines).encode())
+        if self.pending and self.pending[0]["source"] != source:
+            self._write_images()
+        self.pending.append({"key": key, "source": source, "path": f"images/{split}/{key_path(name, '')}"})
 
     def close(self) -> None:
-        pass
+        self._write_images()
+
+    def _write_images(self) -> None:
+        """The pending images, linked or copied to `images/<split>/<name>.<their extension>`."""
+        if not self.pending:
+            return
+        if self.images == "link" and re.match(SHARD_MEMBER_KEY, self.pending[0]["key"]) is None:
+            (item,) = self.pending
+            path = f"{self.root}/{item['path']}{_extension(item['key'], None)}"
+            self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+            if os.path.lexists(path):  # an earlier export's
+                os.remove(path)
+            os.symlink(fsspec.core.strip_protocol(item["source"]), path)
+        else:  # copied; a shard's members can only be copied
+            data = read_images(self.pending, image_column=self.image_column, storage_options=self.options)
+            for item in self.pending:
+                if item["key"] not in data:
+                    raise ExportError(f"{item['source']}: the image of {item['key']} cannot be read")
+                self._pipe(item["path"] + _extension(item["key"], data[item["key"]]), data[item["key"]])
+        self.pending = []
+
+    def _pipe(self, relative: str, data: bytes) -> None:
+        path = f"{self.root}/{relative}"
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+
+def _extension(key: str, data: bytes | None) -> str:
+    """The image file extension of a key (`.jpg`), or of its bytes where the key has none (a Parquet row)."""
+    found = re.search(_IMAGE_EXTENSION, key)
+    if found or data is None:
+        return found.group(0) if found else ""
+    return "." + (Image.open(io.BytesIO(data)).format or "jpeg").lower().replace("jpeg", "jpg")
 
 
 def _polygon(region: Region) -> np.ndarray:
@@ -252,25 +373,25 @@ def _bridge(polygon: np.ndarray, hole: np.ndarray) -> np.ndarray:
 
 def _stem(key: str) -> str:
     """The key without its image extension (YOLO pairs `x/a.jpg` with `x/a.txt`)."""
-    base, dot, extension = key.rpartition(".")
-    return base if dot and "/" not in extension and extension.lower() in IMAGE_EXTENSIONS else key
+    return re.sub(_IMAGE_EXTENSION, "", key)
 
 
 class MaskWriter:
-    """`<key>.png` per image: the class map with only the kept classes and regions."""
+    """`<name>.png` per image: the class map with only the kept classes and regions."""
 
-    def __init__(self, target: str, names: list[str], kept: list[int], options: dict[str, Any]) -> None:
+    def __init__(self, target: str, names: list[str], name_of: Callable[[str], str], options: dict[str, Any]) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(target, **options)
+        self.name_of = name_of
         self.dtype = np.uint8 if len(names) <= 256 else np.uint16
 
-    def add(self, key: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
         label_map = np.zeros(shape, self.dtype)
         for region in regions:
             height, width = region.crop.shape
             label_map[region.y : region.y + height, region.x : region.x + width][region.crop] = region.class_id
         buffer = io.BytesIO()
         Image.fromarray(label_map).save(buffer, format="PNG")
-        path = f"{self.root}/{key_path(key, '.png')}"
+        path = f"{self.root}/{key_path(self.name_of(key), '.png')}"
         self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
         self.fs.pipe_file(path, buffer.getvalue())
 

@@ -24,6 +24,7 @@ Two inputs with the same key are an `InputError` at listing time.
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -166,6 +167,11 @@ def _walk(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
         for folder_path, _, names in fs.walk(folder, detail=False)
     ]
     return pa.concat_arrays([pa.array([], pa.string()), *chunks])
+
+
+def key_share(key: str, seed: int) -> float:
+    """Where a key falls in [0, 1): a hash of seed and key, the same in every run (splits into train and val)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
 def _common_folder(folders: list[str]) -> str:

@@ -69,17 +69,24 @@ _MAX_PART_BYTES = 200  # of one path part (filesystems allow 255)
 _MAX_KEY_BYTES = 800
 
 
-def label_rows(
-    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], optional: tuple[str, ...] = ()
-) -> Iterator[dict[str, Any]]:
-    """Every row of the output's `labels/`, read 64 at a time: `columns`, and each of `optional` where a file has it
+def label_batches(
+    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], optional: tuple[str, ...] = (), rows: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """Every row of the output's `labels/`, `rows` at a time: `columns`, and each of `optional` where a file has it
     (files written before a column existed lack it)."""
     for path in sorted(fs.find(f"{root}/{LABELS_DIR}")):
         with fs.open(path, "rb", cache_type="none") as handle:
             parquet = pq.ParquetFile(handle)
             present = columns + [name for name in optional if name in parquet.schema_arrow.names]
-            for batch in parquet.iter_batches(64, columns=present):
-                yield from batch.to_pylist()
+            yield from parquet.iter_batches(rows, columns=present)
+
+
+def label_rows(
+    fs: fsspec.AbstractFileSystem, root: str, columns: list[str], optional: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """`label_batches` row by row (64 rows read at a time)."""
+    for batch in label_batches(fs, root, columns, optional, rows=64):
+        yield from batch.to_pylist()
 
 
 def key_path(key: str, suffix: str) -> str:
