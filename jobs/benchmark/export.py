@@ -5,6 +5,7 @@ process: seconds and peak RSS, to show that memory stays flat as the output grow
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -12,17 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from jobs.benchmark.harness import finish_parser, in_child, peak_kib, write_record
 
 
 def _export_output(folder: Path, rows: int, side: int) -> str:
-    """A job output of `rows` ok rows, each a `side`-square class map of four random rectangles and discs."""
+    """A job output of `rows` ok rows, each a `side`-square class map of four random rectangles and discs, and an
+    image per row (`source`, which `yolo-seg` copies)."""
     from model.processing import build_palette, encode_png
     from pipeline.labelling.write import LabelWriter
     from pipeline.storage.output import write_job_files
 
-    uri = str(folder / f"out-{rows}")
+    uri, images = str(folder / f"out-{rows}"), folder / f"images-{rows}"
+    images.mkdir()
+    picture = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 120, 150)).save(picture, format="JPEG")
     writer, palette = LabelWriter(uri, {}, png=False), build_palette(2)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:side, :side]
@@ -37,10 +43,11 @@ def _export_output(folder: Path, rows: int, side: int) -> str:
                 else:
                     labels[np.hypot(yy - y, xx - x) <= r] = 2
             counts = np.bincount(labels.ravel(), minlength=3)
+            (images / f"{i:07d}.jpg").write_bytes(picture.getvalue())
             batch.append(
                 {
                     "key": f"{i // 1000:03d}/{i:07d}.jpg",
-                    "source": f"s3://in/{i:07d}.jpg",
+                    "source": str(images / f"{i:07d}.jpg"),
                     "status": "ok",
                     "error": None,
                     "width": side,
