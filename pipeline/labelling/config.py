@@ -60,6 +60,7 @@ class OutputConfig(Section):
     png: bool = True
     resume: bool = True
     rows_per_file: PositiveInt = 256  # also resume's step
+    file_mb: NonNegativeFloat = 128  # the run's labels files merged to about this size at its end; 0: as written
     on_mismatch: Literal["refuse", "relabel"] = "refuse"
 
 

@@ -37,6 +37,7 @@ from pipeline.labelling.infer import SegGptPredictor
 from pipeline.labelling.plan import (
     LabelsIndex,
     clean_labels,
+    compact_labels,
     count_inputs,
     done_keys,
     foreign_labels,
@@ -228,6 +229,7 @@ def autolabel(
         after = lease.retry(
             lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set), output.uri
         )
+        after = compact_labels(fs, root, after, before.files, int(output.file_mb * 2**20), lease.retry)
         summary.added = _added(index["key"], after)
         info = _job_info(job, compute, summary, started, runs, completed=True)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)

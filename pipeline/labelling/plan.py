@@ -21,7 +21,9 @@ files of their own (see `LabelWriter`), so dropping them rewrites small files, n
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from pipeline.storage.formats import shard_image_names
 from pipeline.storage.listing import LISTING_SCHEMA, SHARD_MEMBER_KEY
@@ -128,9 +131,10 @@ def count_inputs(
 
 @dataclass
 class LabelsIndex:
-    """The index rows of each labels file, by the file's path."""
+    """The index rows of each labels file, and its size in bytes, by the file's path."""
 
     files: dict[str, pa.Table] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def table(self) -> pa.Table:
         """All rows, with `file` (position of the file's path in sorted order) and `row` (position in the file)."""
@@ -154,12 +158,13 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str, known: LabelsIndex | No
     known = known or LabelsIndex()
     fs.invalidate_cache()
     folder = f"{root}/{LABELS_DIR}"
-    paths = sorted(path for path in fs.find(folder) if path.endswith(".parquet")) if fs.exists(folder) else []
+    found = fs.find(folder, detail=True) if fs.exists(folder) else {}
+    sizes = {path: int(info["size"]) for path, info in sorted(found.items()) if path.endswith(".parquet")}
     fs.invalidate_cache()
-    new = [path for path in paths if path not in known.files]
+    new = [path for path in sizes if path not in known.files]
     with ThreadPoolExecutor(_THREADS) as pool:
         read = dict(zip(new, pool.map(lambda path: _read_file_index(fs, path), new)))
-    return LabelsIndex({path: known.files.get(path) or read[path] for path in paths})
+    return LabelsIndex({path: known.files.get(path) or read[path] for path in sizes}, sizes)
 
 
 def _read_file_index(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
@@ -236,16 +241,77 @@ def clean_labels(
         lost_rows.setdefault(paths[file], set()).add(row)
     rewrites = {path: rows for path, rows in lost_rows.items() if len(rows) < index.files[path].num_rows}
 
-    def rewrite(path: str) -> tuple[str, pa.Table]:
+    def rewrite(path: str) -> tuple[str, pa.Table, int]:
         full = pq.read_table(io.BytesIO(fs.cat_file(path)))
         kept = full.take(sorted(set(range(full.num_rows)) - rewrites[path]))
-        target = f"{root}/{LABELS_DIR}/{labels_file_name(kept['key'].to_pylist())}"
-        write_atomically(fs, root, target, parquet_bytes(kept))
-        return target, _index_rows(kept)
+        target, data = f"{root}/{LABELS_DIR}/{labels_file_name(kept['key'].to_pylist())}", parquet_bytes(kept)
+        write_atomically(fs, root, target, data)
+        return target, _index_rows(kept), len(data)
 
     with ThreadPoolExecutor(_THREADS) as pool:
-        written = dict(pool.map(rewrite, sorted(rewrites)))
+        rewritten = list(pool.map(rewrite, sorted(rewrites)))
+        written = {path: rows for path, rows, _ in rewritten}
         doomed = [path for path in lost_rows if path not in written]
         list(pool.map(fs.rm_file, doomed))
     files = {path: rows for path, rows in index.files.items() if path not in lost_rows}
-    return LabelsIndex({**files, **written})
+    sizes = {path: size for path, size in index.sizes.items() if path not in lost_rows}
+    return LabelsIndex({**files, **written}, {**sizes, **{path: size for path, _, size in rewritten}})
+
+
+def compact_labels(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    index: LabelsIndex,
+    earlier: Container[str],
+    target_bytes: int,
+    retry: Retry,
+) -> LabelsIndex:
+    """Merge the labels files of this run (those not in `earlier`) into files of about `target_bytes`, so that a
+    large run leaves few files for a resume to open; returns the new index. Earlier runs' files are never rewritten.
+
+    ok and error rows stay in files of their own. The merges run as Ray tasks (the driver never holds the rows); each
+    writes its file (named from its keys) before it deletes the parts, so a kill leaves every row in some file, at
+    worst twice, which the next cleaning settles. Each task retries its storage calls with `retry`."""
+    if target_bytes <= 0:
+        return index
+    groups = []
+    for errors in (False, True):
+        group, size = [], 0
+        for path in (p for p in index.files if p not in earlier and _only_errors(index.files[p]) == errors):
+            group.append(path)
+            size += index.sizes.get(path, 0)
+            if size >= target_bytes:
+                groups.append(group)
+                group, size = [], 0
+        groups.append(group)
+    groups = [group for group in groups if len(group) > 1]
+    merged = ray.get([_merge_files.remote(fs, root, group, retry) for group in groups])
+    parts = {path for group in groups for path in group}
+    files = {path: rows for path, rows in index.files.items() if path not in parts}
+    sizes = {path: size for path, size in index.sizes.items() if path not in parts}
+    return LabelsIndex({**files, **{path: rows for path, rows, _ in merged}}, {**sizes, **{p: n for p, _, n in merged}})
+
+
+def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete `path`; one gone already (a retried call's first try) is fine."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _only_errors(rows: pa.Table) -> bool:
+    return rows.num_rows > 0 and not pc.any(pc.equal(rows["status"], "ok")).as_py()
+
+
+@ray.remote(num_cpus=0.5)
+def _merge_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], retry: Retry) -> tuple[str, pa.Table, int]:
+    """Ray task: the rows of `paths` as one labels file; its path, index rows and size."""
+    parts = [pq.read_table(io.BytesIO(retry(functools.partial(fs.cat_file, path), path))) for path in paths]
+    table = pa.concat_tables(parts, promote_options="default")
+    data = parquet_bytes(table)
+    target = f"{root}/{LABELS_DIR}/{labels_file_name(table['key'].to_pylist())}"
+    retry(functools.partial(write_atomically, fs, root, target, data), fs.unstrip_protocol(target))
+    for path in paths:
+        retry(functools.partial(_remove, fs, path), path)
+    return target, _index_rows(table), len(data)

@@ -1,0 +1,108 @@
+"""`output.file_mb`: the labels files a run wrote (one per `rows_per_file` rows) are merged at its end into files of
+about that size, ok and error rows apart, so that a large output leaves a resume few files to open; files of
+earlier runs are never rewritten."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import fsspec
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.labelling.job import autolabel
+from pipeline.labelling.plan import compact_labels, read_index
+from pipeline.storage.retry import Retry
+from tests.test_job import TINY, encoded, job_config, make_assets, picture
+
+IMAGES, BAD = 30, 2
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return make_assets(tmp_path_factory.mktemp("assets"), TINY)
+
+
+def dataset(folder: Path, first: int, count: int, bad: int = 0) -> None:
+    folder.mkdir(exist_ok=True)
+    for i in range(first, first + count):
+        (folder / f"{i:03d}.jpg").write_bytes(encoded(picture(i, (24 + i % 5, 18))))
+    for i in range(bad):
+        (folder / f"bad{first + i}.jpg").write_bytes(b"not an image")
+
+
+def labels_files(output: Path) -> dict[str, pq.ParquetFile]:
+    return {path.name: pq.ParquetFile(path) for path in sorted((output / "labels").glob("*.parquet"))}
+
+
+def statuses_of(file: pq.ParquetFile) -> list[str]:
+    return file.read(columns=["status"])["status"].to_pylist()
+
+
+def has_ok_rows(rows) -> bool:
+    return pc.any(pc.equal(rows["status"], "ok")).as_py()
+
+
+def rows_by_key(output: Path) -> dict[str, dict]:
+    table = pq.read_table(output / "labels", columns=["key", "status", "mask", "error"])
+    return {row["key"]: row for row in table.to_pylist()}
+
+
+def test_a_run_merges_the_files_it_wrote_and_never_earlier_ones(assets, tmp_path, ray_session):
+    data = tmp_path / "data"
+    dataset(data, 0, IMAGES, bad=BAD)
+    config = job_config(assets, str(data), str(tmp_path / "out"), {})
+    config["output"]["rows_per_file"] = 2
+
+    as_written = tmp_path / "as-written"
+    autolabel({**config, "output": {**config["output"], "uri": str(as_written), "file_mb": 0}}, log=print)
+    parts = labels_files(as_written)
+    assert len(parts) >= IMAGES // 2 + 1  # a file per 2 rows, error rows apart
+
+    output = tmp_path / "out"
+    summary = autolabel(config, log=print)  # file_mb: 128, the default
+    assert (summary.ok, summary.error) == (IMAGES, BAD)
+    merged = labels_files(output)
+    statuses = sorted(tuple(sorted(set(statuses_of(file)))) for file in merged.values())
+    assert statuses == [("error",), ("ok",)]  # one file of ok rows, one of error rows
+    assert rows_by_key(output) == rows_by_key(as_written)  # the same rows, masks byte for byte
+
+    (ok_file,) = [name for name, file in merged.items() if "ok" in statuses_of(file)]
+    written_at = (output / "labels" / ok_file).stat().st_mtime_ns
+    dataset(data, IMAGES, 10)
+    second = autolabel(config, log=print)  # labels the new images, and the bad files again
+    assert (second.ok, second.error, second.skipped) == (10, BAD, IMAGES)
+    now = labels_files(output)
+    assert len(now) == 3 and (output / "labels" / ok_file).stat().st_mtime_ns == written_at  # the first run's ok rows
+    new_ok = [file for name, file in now.items() if name != ok_file and "ok" in statuses_of(file)]
+    assert [file.metadata.num_rows for file in new_ok] == [10]  # the second run's 5 files, merged
+
+
+def test_files_merge_until_each_reaches_the_target(assets, tmp_path, ray_session):
+    """Straight on the files of an output as written: parts are taken in order until a file reaches the target."""
+    data = tmp_path / "data"
+    dataset(data, 0, IMAGES, bad=BAD)
+    config = job_config(assets, str(data), str(tmp_path / "written"), {})
+    config["output"].update(rows_per_file=2, file_mb=0)
+    autolabel(config, log=print)
+    output = tmp_path / "out"
+    shutil.copytree(tmp_path / "written", output)
+    fs = fsspec.filesystem("file")
+    index = read_index(fs, str(output))
+    ok_sizes = [
+        size for path, size in index.sizes.items() if pc.any(pc.equal(index.files[path]["status"], "ok")).as_py()
+    ]
+    target = sum(ok_sizes) // 3
+
+    after = compact_labels(fs, str(output), index, earlier=(), target_bytes=target, retry=Retry(5))
+
+    assert after.num_rows == index.num_rows == IMAGES + BAD
+    assert sorted(after.files) == sorted(str(path) for path in (output / "labels").glob("*.parquet"))
+    ok_files = {
+        path: size for path, size in after.sizes.items() if pc.any(pc.equal(after.files[path]["status"], "ok")).as_py()
+    }
+    assert 2 <= len(ok_files) <= 4  # parts of about a third of the bytes each, and what is left
+    assert rows_by_key(output) == rows_by_key(tmp_path / "written")
+    assert read_index(fs, str(output)).sizes == after.sizes  # the index it returns is what is there
