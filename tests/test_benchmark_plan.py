@@ -70,3 +70,15 @@ def test_plan_from_a_manifest_lists_nothing_and_finds_the_same_work(tmp_path):
     assert "read_manifest" in numbers["steps"] and numbers["listed"] == INPUTS
     assert work["key"].to_pylist() == plan_expected_pending(INPUTS, ROWS)
     assert work["source"][0].as_py() == f"file://{tmp_path}/inputs/{work['key'][0].as_py()}"
+
+
+def test_plan_over_merged_labels_files_finds_the_same_work(tmp_path, ray_session):
+    synthesise_plan_data(tmp_path, INPUTS, ROWS, 100, log=lambda line: None, manifest=True, file_mb=0.05)
+    files = list((tmp_path / "out" / "labels").glob("*.parquet"))
+    assert 2 < len(files) < -(-ROWS // PLAN_ROWS_PER_FILE)  # merged: fewer than half of the 2 per batch written
+
+    manifest = str(tmp_path / "manifest.parquet")
+    numbers, work = plan_steps(str(tmp_path / "inputs"), str(tmp_path / "out"), CountingFileSystem(), manifest)
+
+    assert numbers["index_files"] == len(files) and numbers["index_rows"] == ROWS
+    assert work["key"].to_pylist() == plan_expected_pending(INPUTS, ROWS)

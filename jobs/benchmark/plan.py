@@ -234,7 +234,9 @@ def _print_numbers(numbers: dict, labels_bytes: int, share: float, expected: int
 def benchmark_plan(args: argparse.Namespace) -> None:
     """Synthesise (or reuse) the data, plan in a fresh process, print what each step took."""
     directory = Path(args.dir).resolve()
-    made = synthesise_plan_data(directory, args.inputs, args.rows, args.mask_bytes, manifest=args.manifest)
+    made = synthesise_plan_data(
+        directory, args.inputs, args.rows, args.mask_bytes, manifest=args.manifest, file_mb=args.file_mb
+    )
     labels = directory / "out" / "labels"
     files, labels_bytes = _labels_size(labels)
     if args.cold:
@@ -246,7 +248,9 @@ def benchmark_plan(args: argparse.Namespace) -> None:
     source = "a Parquet manifest" if args.manifest else f"local tree, {min(PLAN_MAX_FOLDERS, args.inputs)} folders"
     print(
         f"plan: {args.inputs} inputs ({source}), {args.rows} labelled "
-        f"rows in {files} files of <= {PLAN_ROWS_PER_FILE} rows ({args.mask_bytes} mask bytes per ok row), "
+        f"rows in {files} files of "
+        + (f"about {args.file_mb:g} MB" if args.file_mb else f"<= {PLAN_ROWS_PER_FILE} rows")
+        + f" ({args.mask_bytes} mask bytes per ok row), "
         f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs; data in {directory}"
         + (
             f" (synthesised: inputs {made['inputs_s']:.0f} s, labels {made['labels_s']:.0f} s)"
@@ -263,6 +267,7 @@ def benchmark_plan(args: argparse.Namespace) -> None:
             "mask_bytes": args.mask_bytes,
             "cold": args.cold,
             "manifest": args.manifest,
+            "file_mb": args.file_mb,
             "labels_files": files,
             "labels_bytes": labels_bytes,
             "index_share": share,
@@ -287,5 +292,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="where the synthetic data is made, or reused when it is there",
     )
     parser.add_argument("--manifest", action="store_true", help="read the inputs from a manifest, list nothing")
+    parser.add_argument(
+        "--file-mb", type=float, default=0, help="labels files merged to about this size, as a run leaves them"
+    )
     parser.add_argument("--cold", action="store_true", help="drop labels/ from the page cache before measuring")
     return finish_parser(parser, benchmark_plan)

@@ -51,9 +51,11 @@ def synthesise_plan_data(
     log: Callable[[str], None] = print,
     *,
     manifest: bool = False,
+    file_mb: float = 0,
 ) -> dict[str, float]:
     """`directory/inputs/` (empty .jpg files) and `directory/out/labels/` (rows as the job writes them); with
-    `manifest`, `directory/manifest.parquet` (the inputs' keys) instead of the files.
+    `manifest`, `directory/manifest.parquet` (the inputs' keys) instead of the files; with `file_mb`, the labels
+    files merged as a run merges the files it wrote (`output.file_mb`).
 
     Each part is made once: a marker file (outside both trees) records what it holds, and a rerun with the same
     sizes reuses it. Returns the seconds spent on each part (0 when reused).
@@ -75,9 +77,12 @@ def synthesise_plan_data(
         made["inputs_s"] = time.perf_counter() - start
         log(f"synthesised {inputs} inputs in {made['inputs_s']:.1f} s")
     want_labels = {"inputs": inputs, "rows": rows, "mask_bytes": mask_bytes, "rows_per_file": PLAN_ROWS_PER_FILE}
+    want_labels.update({"file_mb": file_mb} if file_mb else {})
     if _marker(directory / "labels.done.json") != want_labels:
         start = time.perf_counter()
         _write_labels(directory / "out", directory / "inputs", inputs, rows, mask_bytes)
+        if file_mb:
+            _compact_labels(directory / "out", file_mb)
         (directory / "labels.done.json").write_text(json.dumps(want_labels))
         made["labels_s"] = time.perf_counter() - start
         log(f"synthesised {rows} labelled rows in {made['labels_s']:.1f} s")
@@ -119,6 +124,25 @@ def _write_manifest(path: Path, inputs: int) -> None:
         for first in range(0, inputs, 1_000_000):
             keys = [plan_key(i, inputs) for i in range(first, min(inputs, first + 1_000_000))]
             writer.write_table(pa.table({"key": pa.array(keys, pa.string())}))
+
+
+def _compact_labels(out: Path, file_mb: float) -> None:
+    """Merge `out`'s labels files into files of about `file_mb`, through the job's compaction on a local Ray."""
+    import ray
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.labelling.plan import compact_labels, read_index
+    from pipeline.storage.retry import Retry
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        fs = LocalFileSystem()
+        compact_labels(fs, str(out), read_index(fs, str(out)), (), int(file_mb * 2**20), Retry(60))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_bytes: int) -> None:
