@@ -25,7 +25,7 @@ from model.processing import decode_png
 from pipeline.labelling.job import build_dataset, plan
 from pipeline.prompts.sets import PromptSet
 from pipeline.storage.retry import Retry, StorageUnavailable, is_transient, storage_failure
-from tests.test_job import expected_map, long_job, own_processes, read_labels
+from tests.test_job import expected_map, long_job, read_labels
 
 # --- the policy ------------------------------------------------------------------------------------------------
 
@@ -258,32 +258,40 @@ def as_tar_shards(config: dict, per_shard: int) -> dict:
     return {**config, "input": {**config["input"], "uri": str(shards)}}
 
 
-PREDICTOR = "ray::MapWorker(MapBatches(SegGptPredictor))"  # the title of an inference actor's process
-
-
-def predictor_restarts() -> dict[bytes, int]:
-    """How often each inference actor the Ray session has known was restarted, by actor id (Ray's GCS)."""
+def inference_actors() -> list[gcs_pb2.ActorTableData]:
+    """Every inference actor the Ray session has known (Ray's GCS): its id, state, process and restarts."""
     accessor = ray._private.state.state._connect_and_get_accessor()
     actors = [gcs_pb2.ActorTableData.FromString(data) for data in accessor.get_actor_table(None, None)]
-    return {actor.actor_id: actor.num_restarts for actor in actors if "SegGptPredictor" in actor.class_name}
+    return [actor for actor in actors if "SegGptPredictor" in actor.class_name]
 
 
 def test_an_inference_actor_killed_mid_run_and_late_loses_and_doubles_nothing(tmp_path, ray_session):
     """The inference actor is killed twice: once the first labels file is written, and again late, once more than
-    half of them are. Each time Ray restarts it, and it rebuilds its model and prompt set from its own arguments."""
+    half of them are. Each time Ray restarts it, and it rebuilds its model and prompt set from its own arguments.
+    The run's actor is found in Ray's actor table (earlier tests' actors are not this run's)."""
     config = as_tar_shards(long_job(tmp_path, 32, image_size=(512, 256)), per_shard=4)
     labels = tmp_path / "out" / "labels"
-    killed: list[list[int]] = []
+    earlier = {actor.actor_id for actor in inference_actors()}
+    killed: list[int] = []
 
     def kill_when_labelled(files: int) -> None:
         while len(list(labels.glob("*.parquet"))) < files:
             time.sleep(0.05)
-        deadline = time.monotonic() + 60  # a restarted actor may still be starting (its process not yet titled)
-        while not (victims := own_processes(PREDICTOR)) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a restarted actor may still be starting
+        while time.monotonic() < deadline:
+            alive = [
+                actor.pid
+                for actor in inference_actors()
+                if actor.actor_id not in earlier
+                and actor.state == gcs_pb2.ActorTableData.ALIVE
+                and actor.pid
+                and actor.pid not in killed
+            ]
+            if alive:
+                os.kill(alive[0], signal.SIGKILL)
+                killed.append(alive[0])
+                return
             time.sleep(0.05)
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        killed.append(victims)
 
     def kill_twice() -> None:
         kill_when_labelled(1)
@@ -291,15 +299,14 @@ def test_an_inference_actor_killed_mid_run_and_late_loses_and_doubles_nothing(tm
         # a few batches ahead of the writer)
         kill_when_labelled(9)
 
-    before = predictor_restarts()
     killer = threading.Thread(target=kill_twice, daemon=True)
     killer.start()
     assert run(tmp_path, config, "killed") == 0
     killer.join()
 
-    assert len(killed) == 2 and all(len(victims) == 1 for victims in killed), killed  # each kill, the one actor ...
-    restarts = {actor: count for actor, count in predictor_restarts().items() if actor not in before}
-    assert sum(restarts.values()) == 2, restarts  # ... which Ray restarted each time
+    assert len(killed) == 2, killed  # each kill, the run's one actor (a process of its own each time) ...
+    restarts = [actor.num_restarts for actor in inference_actors() if actor.actor_id not in earlier]
+    assert sum(restarts) == 2, restarts  # ... which Ray restarted each time
     images = {
         f"shard{i // 4:02d}.tar/{name}": data
         for i, (name, data) in enumerate(sorted(images_of(str(tmp_path / "data")).items()))
