@@ -61,6 +61,20 @@ def test_a_run_merges_the_files_it_wrote_and_never_earlier_ones(assets, tmp_path
     parts = labels_files(as_written)
     assert len(parts) >= IMAGES // 2 + 1  # a file per 2 rows, error rows apart
 
+    # straight on a copy of those files: parts are taken in order until their bytes reach the target
+    copy = tmp_path / "copy"
+    shutil.copytree(as_written, copy)
+    fs = fsspec.filesystem("file")
+    index = read_index(fs, str(copy))
+    target = sum(size for path, size in index.sizes.items() if has_ok_rows(index.files[path])) // 3
+    after = compact_labels(fs, str(copy), index, earlier=(), target_bytes=target, retry=Retry(5))
+    assert after.num_rows == index.num_rows == IMAGES + BAD
+    assert sorted(after.files) == sorted(str(path) for path in (copy / "labels").glob("*.parquet"))
+    ok_files = [path for path in after.files if has_ok_rows(after.files[path])]
+    assert 2 <= len(ok_files) <= 4  # parts of about a third of the bytes each, and what is left
+    assert rows_by_key(copy) == rows_by_key(as_written)
+    assert read_index(fs, str(copy)).sizes == after.sizes  # the index it returns is what is there
+
     output = tmp_path / "out"
     summary = autolabel(config, log=print)  # file_mb: 128, the default
     assert (summary.ok, summary.error) == (IMAGES, BAD)
@@ -78,31 +92,3 @@ def test_a_run_merges_the_files_it_wrote_and_never_earlier_ones(assets, tmp_path
     assert len(now) == 3 and (output / "labels" / ok_file).stat().st_mtime_ns == written_at  # the first run's ok rows
     new_ok = [file for name, file in now.items() if name != ok_file and "ok" in statuses_of(file)]
     assert [file.metadata.num_rows for file in new_ok] == [10]  # the second run's 5 files, merged
-
-
-def test_files_merge_until_each_reaches_the_target(assets, tmp_path, ray_session):
-    """Straight on the files of an output as written: parts are taken in order until a file reaches the target."""
-    data = tmp_path / "data"
-    dataset(data, 0, IMAGES, bad=BAD)
-    config = job_config(assets, str(data), str(tmp_path / "written"), {})
-    config["output"].update(rows_per_file=2, file_mb=0)
-    autolabel(config, log=print)
-    output = tmp_path / "out"
-    shutil.copytree(tmp_path / "written", output)
-    fs = fsspec.filesystem("file")
-    index = read_index(fs, str(output))
-    ok_sizes = [
-        size for path, size in index.sizes.items() if pc.any(pc.equal(index.files[path]["status"], "ok")).as_py()
-    ]
-    target = sum(ok_sizes) // 3
-
-    after = compact_labels(fs, str(output), index, earlier=(), target_bytes=target, retry=Retry(5))
-
-    assert after.num_rows == index.num_rows == IMAGES + BAD
-    assert sorted(after.files) == sorted(str(path) for path in (output / "labels").glob("*.parquet"))
-    ok_files = {
-        path: size for path, size in after.sizes.items() if pc.any(pc.equal(after.files[path]["status"], "ok")).as_py()
-    }
-    assert 2 <= len(ok_files) <= 4  # parts of about a third of the bytes each, and what is left
-    assert rows_by_key(output) == rows_by_key(tmp_path / "written")
-    assert read_index(fs, str(output)).sizes == after.sizes  # the index it returns is what is there

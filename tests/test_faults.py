@@ -209,6 +209,7 @@ def images_of(folder: str) -> dict[str, bytes]:
 
 def test_a_30_second_outage_mid_run_is_ridden_out(tmp_path, flaky_s3, ray_session):
     config, fs = s3_job(tmp_path, flaky_s3, 30, "outage")
+    config["output"]["file_mb"] = 0  # the files as written, counted below
     images = images_of(str(tmp_path / "data"))
     watcher, seen = outage_when(flaky_s3, fs, "outage/out/labels/*.parquet", seconds=30)
     started = time.monotonic()
