@@ -53,15 +53,16 @@ def scene(seed: int) -> tuple[np.ndarray, dict[int, int]]:
     return labels, {1: 3, 2: 2}
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path) -> tuple[str, dict, dict[str, np.ndarray]]:
+@pytest.fixture(scope="module", params=["local", "s3"])
+def output(request, tmp_path_factory) -> tuple[str, dict, dict[str, np.ndarray]]:
     """A job output of 150 ok rows of hand-drawn maps in three labels files, and 5 error rows; the images are there
-    (`source`), beside the output."""
+    (`source`), beside the output. Made once for the module: no test writes into it but under `export/`."""
     if request.param == "local":
-        uri, options = str(tmp_path / "out"), {}
-    else:
-        bucket, options = request.getfixturevalue("s3_bucket")
-        uri = f"{bucket}/out"
+        uri, options = str(tmp_path_factory.mktemp("export") / "out"), {}
+    else:  # a bucket of its own, shared by this module's tests (each exports somewhere else)
+        options = request.getfixturevalue("s3_server")
+        fsspec.filesystem("s3", **options).mkdir("export-tests")
+        uri = "s3://export-tests/out"
     maps = {f"day/{i:03d}.jpg": scene(i)[0] for i in range(150)}
     write_output(uri, options, maps, errors=5)
     return uri, options, maps

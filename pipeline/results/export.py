@@ -128,7 +128,7 @@ def export(
     kept = _kept_class_ids(class_names, classes)
     target = (to or f"{output_uri.rstrip('/')}/export/{fmt}").rstrip("/")
     summary = ExportSummary(target=target)
-    name_of, summary.named_by_key = _file_names(fs, root, names)
+    name_of, summary.named_by_key = _file_names(fs, root, "key" if fmt == "coco" else names)  # COCO: by key
     if fmt == "coco":
         writer: CocoWriter | YoloWriter | MaskWriter = CocoWriter(target, class_names, kept, options)
     elif fmt == "masks":
