@@ -108,13 +108,8 @@ def shard(path: Path, members: dict[str, bytes]) -> None:
 def test_a_manifest_of_200000_webdataset_shards_labels_exactly_the_new_members(assets, tmp_path, ray_session):
     """Done shards cost one labels row each (their `shard_images` says they are whole); a shard half done has its
     other half labelled; new shards are labelled whole."""
-    seed = io.BytesIO()
-    with tarfile.open(fileobj=seed, mode="w") as tar:
-        payload = encoded(picture(0, (20, 16)))
-        info = tarfile.TarInfo("000.jpg")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    row = seed_row(assets, tmp_path, "seed.tar", seed.getvalue(), format="webdataset")
+    shard(tmp_path / "seed.tar", {"000.jpg": encoded(picture(0, (20, 16)))})
+    row = seed_row(assets, tmp_path, "seed.tar", (tmp_path / "seed.tar").read_bytes(), format="webdataset")
     assert row["shard_images"] == 1
     shards = [f"part{i // 50_000}/{i:06d}.tar" for i in range(KEYS)]
     data = tmp_path / "data"

@@ -152,6 +152,28 @@ class LabelsIndex:
     def num_rows(self) -> int:
         return sum(table.num_rows for table in self.files.values())
 
+    def replaced(self, gone: Container[str], written: list[WrittenFile]) -> LabelsIndex:
+        """The index once the files `gone` are deleted and the files `written` are there."""
+        files = {path: rows for path, rows in self.files.items() if path not in gone}
+        sizes = {path: size for path, size in self.sizes.items() if path not in gone}
+        return LabelsIndex(
+            {**files, **{file.path: file.rows for file in written}}, {**sizes, **{f.path: f.size for f in written}}
+        )
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A labels file just written: its path, index rows and size in bytes."""
+
+    path: str
+    rows: pa.Table
+    size: int
+
+
+def _labels_file(root: str, table: pa.Table) -> tuple[str, bytes]:
+    """Where the labels file of `table`'s rows goes (named from its keys), and its bytes."""
+    return f"{root}/{LABELS_DIR}/{labels_file_name(table['key'].to_pylist())}", parquet_bytes(table)
+
 
 def read_index(fs: fsspec.AbstractFileSystem, root: str, known: LabelsIndex | None = None) -> LabelsIndex:
     """The index of `labels/` as it is now; files already in `known` are not read again."""
@@ -241,21 +263,18 @@ def clean_labels(
         lost_rows.setdefault(paths[file], set()).add(row)
     rewrites = {path: rows for path, rows in lost_rows.items() if len(rows) < index.files[path].num_rows}
 
-    def rewrite(path: str) -> tuple[str, pa.Table, int]:
+    def rewrite(path: str) -> WrittenFile:
         full = pq.read_table(io.BytesIO(fs.cat_file(path)))
         kept = full.take(sorted(set(range(full.num_rows)) - rewrites[path]))
-        target, data = f"{root}/{LABELS_DIR}/{labels_file_name(kept['key'].to_pylist())}", parquet_bytes(kept)
+        target, data = _labels_file(root, kept)
         write_atomically(fs, root, target, data)
-        return target, _index_rows(kept), len(data)
+        return WrittenFile(target, _index_rows(kept), len(data))
 
     with ThreadPoolExecutor(_THREADS) as pool:
-        rewritten = list(pool.map(rewrite, sorted(rewrites)))
-        written = {path: rows for path, rows, _ in rewritten}
-        doomed = [path for path in lost_rows if path not in written]
-        list(pool.map(fs.rm_file, doomed))
-    files = {path: rows for path, rows in index.files.items() if path not in lost_rows}
-    sizes = {path: size for path, size in index.sizes.items() if path not in lost_rows}
-    return LabelsIndex({**files, **written}, {**sizes, **{path: size for path, _, size in rewritten}})
+        written = list(pool.map(rewrite, sorted(rewrites)))
+        kept_paths = {file.path for file in written}
+        list(pool.map(fs.rm_file, [path for path in lost_rows if path not in kept_paths]))
+    return index.replaced(lost_rows, written)
 
 
 def compact_labels(
@@ -286,10 +305,7 @@ def compact_labels(
         groups.append(group)
     groups = [group for group in groups if len(group) > 1]
     merged = ray.get([_merge_files.remote(fs, root, group, retry) for group in groups])
-    parts = {path for group in groups for path in group}
-    files = {path: rows for path, rows in index.files.items() if path not in parts}
-    sizes = {path: size for path, size in index.sizes.items() if path not in parts}
-    return LabelsIndex({**files, **{path: rows for path, rows, _ in merged}}, {**sizes, **{p: n for p, _, n in merged}})
+    return index.replaced({path for group in groups for path in group}, merged)
 
 
 def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -305,13 +321,12 @@ def _only_errors(rows: pa.Table) -> bool:
 
 
 @ray.remote(num_cpus=0.5)
-def _merge_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], retry: Retry) -> tuple[str, pa.Table, int]:
-    """Ray task: the rows of `paths` as one labels file; its path, index rows and size."""
+def _merge_files(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], retry: Retry) -> WrittenFile:
+    """Ray task: the rows of `paths` as one labels file, written before the parts are deleted."""
     parts = [pq.read_table(io.BytesIO(retry(functools.partial(fs.cat_file, path), path))) for path in paths]
     table = pa.concat_tables(parts, promote_options="default")
-    data = parquet_bytes(table)
-    target = f"{root}/{LABELS_DIR}/{labels_file_name(table['key'].to_pylist())}"
+    target, data = _labels_file(root, table)
     retry(functools.partial(write_atomically, fs, root, target, data), fs.unstrip_protocol(target))
     for path in paths:
         retry(functools.partial(_remove, fs, path), path)
-    return target, _index_rows(table), len(data)
+    return WrittenFile(target, _index_rows(table), len(data))

@@ -46,13 +46,12 @@ from pycocotools import mask as coco_mask
 
 from model.processing import decode_png
 from pipeline.storage.formats import read_images
-from pipeline.storage.listing import IMAGE_EXTENSIONS, SHARD_MEMBER_KEY, key_share
+from pipeline.storage.listing import IMAGE_EXTENSION, SHARD_MEMBER_KEY, key_share
 from pipeline.storage.output import JOB_FILE, LABELS_DIR, key_path, label_batches, label_rows
 
 FORMATS = ("coco", "yolo-seg", "masks")
 NAMES = ("stem", "key")
 IMAGES = ("copy", "link")
-_IMAGE_EXTENSION = rf"(?i)\.(?:{'|'.join(sorted(IMAGE_EXTENSIONS))})$"
 
 
 class ExportError(ValueError):
@@ -168,7 +167,7 @@ def _file_names(fs: fsspec.AbstractFileSystem, root: str, by: str) -> tuple[Call
         return (lambda key: key), []
     ok = [batch["key"].filter(pc.equal(batch["status"], "ok")) for batch in label_batches(fs, root, ["key", "status"])]
     keys = pa.concat_arrays([pa.array([], pa.string()), *ok])
-    stems = pc.replace_substring_regex(keys, _IMAGE_EXTENSION, "")
+    stems = pc.replace_substring_regex(keys, IMAGE_EXTENSION, "")
     counts = pc.value_counts(stems)
     shared = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     clashing = set(keys.filter(pc.is_in(stems, value_set=shared)).to_pylist())
@@ -310,7 +309,7 @@ class YoloWriter:
             points = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in outline)
             lines.append(f"{self.number[region.class_id]} {points}\n")
         split, name = self.splits.of(key), self.name_of(key)
-        self._pipe(f"labels/{split}/{key_path(name, '.txt')}", "".join(lines).encode())
+        _put(self.fs, f"{self.root}/labels/{split}/{key_path(name, '.txt')}", "".join(lines).encode())
         if self.pending and self.pending[0]["source"] != source:
             self._write_images()
         self.pending.append({"key": key, "source": source, "path": f"images/{split}/{key_path(name, '')}"})
@@ -334,18 +333,19 @@ class YoloWriter:
             for item in self.pending:
                 if item["key"] not in data:
                     raise ExportError(f"{item['source']}: the image of {item['key']} cannot be read")
-                self._pipe(item["path"] + _extension(item["key"], data[item["key"]]), data[item["key"]])
+                path = f"{self.root}/{item['path']}{_extension(item['key'], data[item['key']])}"
+                _put(self.fs, path, data[item["key"]])
         self.pending = []
 
-    def _pipe(self, relative: str, data: bytes) -> None:
-        path = f"{self.root}/{relative}"
-        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        self.fs.pipe_file(path, data)
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    fs.pipe_file(path, data)
 
 
 def _extension(key: str, data: bytes | None) -> str:
     """The image file extension of a key (`.jpg`), or of its bytes where the key has none (a Parquet row)."""
-    found = re.search(_IMAGE_EXTENSION, key)
+    found = re.search(IMAGE_EXTENSION, key)
     if found or data is None:
         return found.group(0) if found else ""
     return "." + (Image.open(io.BytesIO(data)).format or "jpeg").lower().replace("jpeg", "jpg")
@@ -373,7 +373,7 @@ def _bridge(polygon: np.ndarray, hole: np.ndarray) -> np.ndarray:
 
 def _stem(key: str) -> str:
     """The key without its image extension (YOLO pairs `x/a.jpg` with `x/a.txt`)."""
-    return re.sub(_IMAGE_EXTENSION, "", key)
+    return re.sub(IMAGE_EXTENSION, "", key)
 
 
 class MaskWriter:
@@ -391,9 +391,7 @@ class MaskWriter:
             label_map[region.y : region.y + height, region.x : region.x + width][region.crop] = region.class_id
         buffer = io.BytesIO()
         Image.fromarray(label_map).save(buffer, format="PNG")
-        path = f"{self.root}/{key_path(self.name_of(key), '.png')}"
-        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-        self.fs.pipe_file(path, buffer.getvalue())
+        _put(self.fs, f"{self.root}/{key_path(self.name_of(key), '.png')}", buffer.getvalue())
 
     def close(self) -> None:
         pass

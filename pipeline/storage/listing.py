@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from fsspec.core import has_magic
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
+IMAGE_EXTENSION = rf"(?i)\.(?:{'|'.join(sorted(IMAGE_EXTENSIONS))})$"  # regex: a name's image extension
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LISTING_SCHEMA = pa.schema(
     [
@@ -79,8 +80,9 @@ def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Tab
         )
     found = pa.concat_tables([table for _, table in listed])
     if found.num_rows == 0:
-        wanted = "image, .tar or .parquet" if input_cfg.format == "auto" else input_cfg.format
-        raise InputError(f"{input_cfg.config_key}: no {wanted} files found in {', '.join(input_cfg.uris)}")
+        raise InputError(
+            f"{input_cfg.config_key}: no {wanted_kinds(input_cfg.format)} files found in {', '.join(input_cfg.uris)}"
+        )
     base = _common_folder([root for root, _ in listed])
     keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(found["path"], len(base)), "/")
     listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
@@ -108,6 +110,11 @@ def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any], key: str) 
     return root, pa.table({"path": paths, "source": sources, "kind": kinds})
 
 
+def wanted_kinds(wanted: str) -> str:
+    """What `format` takes, as errors name it."""
+    return "image, .tar or .parquet" if wanted == "auto" else wanted
+
+
 def input_kinds(paths: pa.Array, wanted: str) -> pa.Array:
     """Each path's input kind by its extension (any case); null for other and hidden files."""
     names = pc.utf8_lower(pc.struct_field(pc.extract_regex(paths, r"(?P<name>[^/]*)$"), [0]))
@@ -115,7 +122,7 @@ def input_kinds(paths: pa.Array, wanted: str) -> pa.Array:
         "hidden": pc.starts_with(names, "."),
         "webdataset": pc.match_substring_regex(names, r"\.(tar|tar\.gz|tgz)$"),
         "parquet": pc.ends_with(names, ".parquet"),
-        "images": pc.match_substring_regex(names, rf"\.({'|'.join(sorted(IMAGE_EXTENSIONS))})$"),
+        "images": pc.match_substring_regex(names, IMAGE_EXTENSION),
     }
     values = [None if kind == "hidden" or wanted not in ("auto", kind) else kind for kind in rules]
     conditions = pc.make_struct(*rules.values(), field_names=list(rules))

@@ -27,7 +27,7 @@ import pyarrow.csv as pv
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 
-from pipeline.storage.listing import LISTING_SCHEMA, InputError, check_unique, input_kinds
+from pipeline.storage.listing import LISTING_SCHEMA, InputError, check_unique, input_kinds, wanted_kinds
 
 _TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 _INVENTORY_FORMATS = ("CSV", "Parquet", "ORC")
@@ -54,8 +54,7 @@ def read_manifest(input_cfg: ManifestSpec, storage_options: dict[str, Any]) -> p
     keep = pc.is_valid(kinds)
     keys, kinds = keys.filter(keep), kinds.filter(keep)
     if len(keys) == 0:
-        wanted = "image, .tar or .parquet" if input_cfg.format == "auto" else input_cfg.format
-        raise InputError(f"input.manifest: no {wanted} keys in {input_cfg.manifest}")
+        raise InputError(f"input.manifest: no {wanted_kinds(input_cfg.format)} keys in {input_cfg.manifest}")
     root_fs, root = fsspec.core.url_to_fs(input_cfg.uri, **storage_options)
     sources = pc.binary_join_element_wise(root_fs.unstrip_protocol(root.rstrip("/")) + "/", keys, "")
     listing = pa.table([keys, sources, kinds], schema=LISTING_SCHEMA).sort_by("key")
