@@ -1,7 +1,8 @@
 """The planning benchmark at a small size (`python -m jobs.benchmark plan`): what it measures holds.
 
 On synthetic data made the way the job writes it, the resume index reads a small share of `labels/` (footers and
-the index columns, never the masks), and planning lists every input and finds exactly the error rows pending.
+the index columns, never the masks), and planning (on Ray) lists every input and finds exactly the error rows
+pending.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ MASK_BYTES = 16_000  # an ok file is ~4 MB, nearly all mask bytes
 MAX_INDEX_SHARE = 0.10  # the index's reads (footer, ~64 KiB tail read, index columns) against labels/'s size
 
 
-def test_plan_reads_little_and_finds_the_error_keys(tmp_path):
+def test_plan_reads_little_and_finds_the_error_keys(tmp_path, ray_session):
     synthesise_plan_data(tmp_path, INPUTS, ROWS, MASK_BYTES, log=lambda line: None)
     labels = tmp_path / "out" / "labels"
     sizes = [entry.stat().st_size for entry in os.scandir(labels)]
@@ -32,7 +33,8 @@ def test_plan_reads_little_and_finds_the_error_keys(tmp_path):
     pending = work["key"].to_pylist()
     assert pending == plan_expected_pending(INPUTS, ROWS)
     assert len(pending) == ROWS // 100  # 1% error rows, every other key done
-    assert numbers["done"] == numbers["skipped"] == ROWS - len(pending)
+    assert numbers["skipped"] == ROWS - len(pending)
+    assert numbers["index_files_opened"] == numbers["index_files"] == len(sizes)
 
     # the same data is reused, not made again
     assert synthesise_plan_data(tmp_path, INPUTS, ROWS, MASK_BYTES, log=lambda line: None) == {
@@ -60,14 +62,14 @@ def test_plan_keys_sort_as_the_inputs():
     assert plan_key(456, 1_000_000) == "d0000/img000456.jpg" and plan_key(123_456, 1_000_000) == "d0123/img000456.jpg"
 
 
-def test_plan_from_a_manifest_lists_nothing_and_finds_the_same_work(tmp_path):
+def test_plan_from_a_manifest_lists_nothing_and_finds_the_same_work(tmp_path, ray_session):
     synthesise_plan_data(tmp_path, INPUTS, ROWS, 100, log=lambda line: None, manifest=True)
     assert not (tmp_path / "inputs").exists()  # only the manifest says what the inputs are
 
     manifest = str(tmp_path / "manifest.parquet")
     numbers, work = plan_steps(str(tmp_path / "inputs"), str(tmp_path / "out"), CountingFileSystem(), manifest)
 
-    assert "read_manifest" in numbers["steps"] and numbers["listed"] == INPUTS
+    assert numbers["listed"] == INPUTS
     assert work["key"].to_pylist() == plan_expected_pending(INPUTS, ROWS)
     assert work["source"][0].as_py() == f"file://{tmp_path}/inputs/{work['key'][0].as_py()}"
 

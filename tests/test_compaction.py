@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.labelling.job import autolabel
-from pipeline.labelling.plan import compact_labels, read_index
+from pipeline.labelling.work import LabelsFile, compact_labels, list_labels
 from pipeline.storage.retry import Retry
 from tests.test_job import TINY, encoded, job_config, make_assets, picture
 
@@ -65,15 +65,19 @@ def test_a_run_merges_the_files_it_wrote_and_never_earlier_ones(assets, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(as_written, copy)
     fs = fsspec.filesystem("file")
-    index = read_index(fs, str(copy))
-    target = sum(size for path, size in index.sizes.items() if has_ok_rows(index.files[path])) // 3
-    after = compact_labels(fs, str(copy), index, earlier=(), target_bytes=target, retry=Retry(5))
-    assert after.num_rows == index.num_rows == IMAGES + BAD
-    assert sorted(after.files) == sorted(str(path) for path in (copy / "labels").glob("*.parquet"))
-    ok_files = [path for path in after.files if has_ok_rows(after.files[path])]
+    files = [
+        LabelsFile(path, size, pq.ParquetFile(path).metadata.num_rows, statuses_of(pq.ParquetFile(path)).count("ok"))
+        for path, size in list_labels(fs, str(copy)).items()
+    ]
+    target = sum(file.size for file in files if file.ok) // 3
+    after = compact_labels(fs, str(copy), files, earlier=(), target_bytes=target, retry=Retry(5))
+    assert sum(file.rows for file in after) == IMAGES + BAD
+    assert sorted(file.path for file in after) == sorted(str(path) for path in (copy / "labels").glob("*.parquet"))
+    ok_files = [file for file in after if file.ok]
     assert 2 <= len(ok_files) <= 4  # parts of about a third of the bytes each, and what is left
+    assert all(file.ok in (0, file.rows) for file in after)  # ok and error rows never share a file
     assert rows_by_key(copy) == rows_by_key(as_written)
-    assert read_index(fs, str(copy)).sizes == after.sizes  # the index it returns is what is there
+    assert list_labels(fs, str(copy)) == {file.path: file.size for file in sorted(after, key=lambda f: f.path)}
 
     output = tmp_path / "out"
     summary = autolabel(config, log=print)  # file_mb: 128, the default

@@ -18,13 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from model.processing import decode_png
 from pipeline.config import ConfigError
 from pipeline.labelling import load_config
-from pipeline.labelling.job import autolabel, plan
+from pipeline.labelling.job import autolabel, dry_run, plan
+from pipeline.labelling.work import RunKeys, plan_work
 from pipeline.storage.listing import InputError
 from pipeline.storage.output import LABELS_SCHEMA
+from pipeline.storage.retry import Retry
 from tests.test_job import TINY, encoded, expected_map, job_config, make_assets, picture, read_labels
 
 KEYS = 200_000
@@ -33,6 +36,13 @@ KEYS = 200_000
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     return make_assets(tmp_path_factory.mktemp("assets"), TINY)
+
+
+def planned_inputs(config: dict, storage_options: dict) -> pa.Table:
+    """The work items of a fresh run over `config`'s inputs, as the job plans them on Ray."""
+    inputs = plan(config).inputs
+    work = plan_work(inputs, None, {}, RunKeys("model", "prompts", inputs.config_key), storage_options, Retry(5))
+    return pa.concat_tables(ray.get(work.shards + work.loose)).sort_by("key")
 
 
 def seed_row(assets: Path, tmp_path: Path, name: str, data: bytes, **input_options) -> dict:
@@ -209,14 +219,15 @@ def test_an_s3_inventory_is_a_manifest(assets, s3_server, ray_session):
 
 
 @pytest.mark.parametrize("file_format", ["Parquet", "ORC"])
-def test_parquet_and_orc_inventories_list_the_same_inputs(file_format, assets, s3_server):
+def test_parquet_and_orc_inventories_list_the_same_inputs(file_format, assets, s3_server, ray_session):
     data, manifest_uri, _ = s3_inventory(fsspec.filesystem("s3", **s3_server), file_format)
-    listing = plan(job_config(assets, f"s3://{data}/imgs", f"s3://{data}/out", s3_server, manifest=manifest_uri)).inputs
+    config = job_config(assets, f"s3://{data}/imgs", f"s3://{data}/out", s3_server, manifest=manifest_uri)
+    listing = planned_inputs(config, s3_server)
     assert listing["key"].to_pylist() == UNDER_PREFIX
     assert listing["source"].to_pylist() == [f"s3://{data}/imgs/{key}" for key in UNDER_PREFIX]
 
 
-def test_a_folder_of_csv_and_parquet_manifests(assets, tmp_path):
+def test_a_folder_of_csv_and_parquet_manifests(assets, tmp_path, ray_session):
     """A folder's manifest files together, gzipped CSV too; keys of other kinds skipped, as a listing skips them."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
@@ -225,7 +236,7 @@ def test_a_folder_of_csv_and_parquet_manifests(assets, tmp_path):
     (manifests / "README").write_text("not a manifest")
     config = job_config(assets, str(tmp_path / "data"), str(tmp_path / "out"), {}, manifest=str(manifests))
 
-    listing = plan(config).inputs
+    listing = planned_inputs(config, {})
 
     assert listing["key"].to_pylist() == ["a.jpg", "c.jpeg", "sub/b.png"]
     assert listing["source"].to_pylist() == [
@@ -246,7 +257,7 @@ def test_a_folder_of_csv_and_parquet_manifests(assets, tmp_path):
     ],
     ids=["parquet without key", "csv without key", "duplicate key", "no images", "no shards", "empty key"],
 )
-def test_bad_manifests_are_refused_naming_the_manifest(assets, tmp_path, files, input_options, message):
+def test_bad_manifests_are_refused_naming_the_manifest(assets, tmp_path, files, input_options, message, ray_session):
     for name, content in files.items():
         if isinstance(content, pa.Table):
             pq.write_table(content, tmp_path / name)
@@ -257,7 +268,7 @@ def test_bad_manifests_are_refused_naming_the_manifest(assets, tmp_path, files, 
         assets, str(tmp_path), str(tmp_path / "out"), {}, manifest=str(tmp_path / name), **input_options
     )
     with pytest.raises(InputError, match=message):
-        plan(config)
+        dry_run(config)
 
 
 def test_a_manifest_takes_one_input_uri(assets, tmp_path):

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray
 from PIL import Image
 
 from pipeline.labelling import InputConfig
@@ -85,7 +87,11 @@ def keys_of(store: Store, uri, fmt: str = "auto") -> list[str]:
 def read_all(config: InputConfig, options: dict, skip: set[str] = frozenset()):
     """The read stage over every listed input, skipping the keys in `skip`."""
     work = pending_inputs(list_inputs(config, options), pa.array(sorted(skip), pa.string()))
-    return read_inputs(work, image_column=config.image_column, storage_options=options, retry=Retry(5))
+    loose = pc.equal(work["kind"], "images")
+    shards, loose = (
+        [ray.put(items)] if items.num_rows else [] for items in (work.filter(pc.invert(loose)), work.filter(loose))
+    )
+    return read_inputs(shards, loose, image_column=config.image_column, storage_options=options, retry=Retry(5))
 
 
 def count(config: InputConfig, options: dict, skip: set[str]) -> InputCount:

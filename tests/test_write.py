@@ -17,9 +17,10 @@ import pytest
 import ray.data
 from PIL import Image
 
-from pipeline.labelling.plan import clean_labels, done_keys, read_index
+from pipeline.labelling.work import RunKeys, list_labels, settle_labels
 from pipeline.labelling.write import LabelWriter
 from pipeline.storage.output import LABELS_SCHEMA, RAN_COLUMNS, labels_file_name, prepare_output, write_job_files
+from pipeline.storage.retry import Retry
 
 START = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 MODEL, PROMPT_SET = "seggpt-test", "prompts-test"
@@ -84,15 +85,22 @@ def assert_each_key_once(uri: str, options: dict, keys: set[str], status: str = 
 
 
 def clean(uri: str, options: dict) -> set[str]:
-    """Run the cleaning on the output as it is; returns the keys done (ok) afterwards."""
+    """Run the cleaning on the output as it is (over 3 partitions, nothing merged); returns the keys done (ok)
+    afterwards."""
     fs, root = fsspec.core.url_to_fs(uri, **options)
-    index = clean_labels(fs, root, read_index(fs, root), MODEL, PROMPT_SET)
-    return set(done_keys(index.table(), MODEL, PROMPT_SET).to_pylist())
+    earlier = list_labels(fs, root)
+    settle_labels(fs, root, earlier, RunKeys(MODEL, PROMPT_SET, "input.uri"), 3, 0, Retry(5))
+    return done(uri, options)
 
 
 def done(uri: str, options: dict) -> set[str]:
-    fs, root = fsspec.core.url_to_fs(uri, **options)
-    return set(done_keys(read_index(fs, root).table(), MODEL, PROMPT_SET).to_pylist())
+    """The keys with an ok row of MODEL and PROMPT_SET."""
+    if not fsspec.core.url_to_fs(uri, **options)[0].exists(f"{uri}/labels"):
+        return set()
+    rows = read_labels(uri, options).to_pylist()
+    return {
+        row["key"] for row in rows if row["status"] == "ok" and (row["model"], row["prompt_set"]) == (MODEL, PROMPT_SET)
+    }
 
 
 def test_labels_read_back_as_one_table(output):
@@ -173,7 +181,7 @@ def test_ray_map_batches_writes_every_row_once(tmp_path, ray_session):
     assert sorted(file.rsplit("/", 1)[1] for file in label_files(uri, {})) == sorted(row["file"] for row in written)
 
 
-def test_relabelled_error_rows_leave_each_key_once(output):
+def test_relabelled_error_rows_leave_each_key_once(output, ray_session):
     uri, options = output
     keys = [f"{i}.jpg" for i in range(6)]
     writer = LabelWriter(uri, options)
@@ -192,7 +200,7 @@ def test_relabelled_error_rows_leave_each_key_once(output):
     assert done(uri, options) == set(keys)
 
 
-def test_error_rows_stay_until_relabelled_and_duplicates_keep_the_latest(tmp_path):
+def test_error_rows_stay_until_relabelled_and_duplicates_keep_the_latest(tmp_path, ray_session):
     uri = str(tmp_path / "out")
     writer = LabelWriter(uri, {})
     writer(batch([result("a.jpg", ok=False), result("b.jpg")]))
@@ -203,7 +211,7 @@ def test_error_rows_stay_until_relabelled_and_duplicates_keep_the_latest(tmp_pat
     assert rows["a.jpg"]["status"] == "error" and rows["a.jpg"]["labeled_at"] == START + timedelta(1)
 
 
-def test_rows_of_this_model_win_over_newer_rows_of_another(tmp_path):
+def test_rows_of_this_model_win_over_newer_rows_of_another(tmp_path, ray_session):
     uri = str(tmp_path / "out")
     writer = LabelWriter(uri, {})
     writer(batch([result("a.jpg"), result("b.jpg")]))
@@ -223,7 +231,7 @@ def key_set(prefix: str, new_file_sorts_first: bool) -> list[str]:
 
 
 @pytest.mark.parametrize("new_file_sorts_first", [True, False])
-def test_resume_after_a_kill_inside_the_cleaning(output, new_file_sorts_first):
+def test_resume_after_a_kill_inside_the_cleaning(output, ray_session, new_file_sorts_first):
     """Killed after the cleaned copy of a file was written but before the old file was deleted."""
     uri, options = output
     a, b, c = key_set("k", new_file_sorts_first)

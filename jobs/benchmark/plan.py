@@ -1,10 +1,11 @@
-"""`plan` times how a resumed run plans at scale, without Ray: it synthesises (once, reused by later runs) a local
-tree of N empty `.jpg` inputs and an output whose `labels/` holds R rows as the job writes them (256-row files,
-error rows in files of their own, a mask of B random bytes per ok row), then, in a fresh process, runs the planning
-steps of `pipeline.labelling.job.autolabel` (listing, or with `--manifest` reading a Parquet manifest of the keys
-instead of files, resume index, done keys, shard counts, work items) and
-reports the time of each, the driver's peak and baseline RSS, and the bytes the resume index read as a share of
-`labels/`'s size.
+"""`plan` times how a resumed run plans at scale, on a local Ray: it synthesises (once, reused by later runs) a
+local tree of N empty `.jpg` inputs (or with `--manifest` a Parquet manifest of their keys, and no files) and an
+output whose `labels/` holds R rows as the job writes them (256-row files, error rows in files of their own, a mask
+of B random bytes per ok row, merged with `--file-mb`), then, in a fresh process that starts Ray, runs the planning
+steps of `pipeline.labelling.job.autolabel` (the inputs: listing, or the manifest's pieces; the labels files;
+`plan_work`, the Ray tasks that read the manifest and the resume index and find the work) and reports the time of
+each, the driver's peak and baseline RSS, the Ray workers' peaks, and the bytes that reading the index takes from
+`labels/` as a share of its size.
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 
 from jobs.benchmark.harness import (
+    ProcessPeaks,
     finish_parser,
     peak_kib,
     rchar,
     reset_peak,
     rss_kib,
     run_child,
+    start_local_ray,
     step_peak_kib,
     write_record,
 )
@@ -41,6 +44,7 @@ from jobs.benchmark.plan_data import (
     plan_expected_pending,
     synthesise_plan_data,
 )
+from pipeline.labelling.plan import WORK_SCHEMA
 
 T = TypeVar("T")
 MIB = 1024  # KiB
@@ -50,7 +54,7 @@ class CountingFileSystem(LocalFileSystem):
     """A local filesystem whose opened files count the bytes they return (`bytes_read`, over all threads).
 
     Only reads through `open` are counted (read, read1, readinto, readinto1), not listings; pass it as the `fs`
-    of `pipeline.labelling.plan.read_index` to see what the index reads from storage.
+    of `pipeline.labelling.work.read_file_index` to see what the index reads from storage.
     """
 
     cachable = False  # a counter of its own per instance, never fsspec's shared LocalFileSystem
@@ -124,59 +128,55 @@ class _StepMeter:
 def plan_steps(
     inputs_uri: str, output_root: str, fs: CountingFileSystem, manifest: str | None = None
 ) -> tuple[dict, pa.Table]:
-    """The planning of `pipeline.labelling.job.autolabel` on a resume (on_mismatch refuse), step by step, in its
-    order: listing or reading `manifest` (in `plan`), index, foreign labels (the refusal check), then
-    `_pending_work`: done keys, skipped, work items.
+    """The planning of `pipeline.labelling.job.autolabel` on a resume (on_mismatch refuse), on the running Ray, step
+    by step in its order: the inputs (`plan_inputs`: listing, or finding `manifest`'s pieces), the labels files, and
+    `plan_work`. Then, apart from the planning: what reading the index takes from `labels/` (each file's index read
+    through the counting `fs`, as the index tasks read it) and the work items.
 
-    Returns the numbers of each step (seconds; RSS and peak RSS after it, KiB; Arrow's allocation after it) and
-    the work items. Keeps what autolabel keeps alive (listing, index, done keys, work) until the end.
+    Returns the numbers of each step (seconds; RSS and peak RSS after it, KiB; Arrow's allocation after it), the
+    Ray workers' peak RSS, and the work items.
     """
-    from pipeline.labelling import InputConfig
-    from pipeline.labelling.plan import done_keys, foreign_labels, pending_inputs, read_index, shard_images, shard_of
-    from pipeline.storage.listing import list_inputs
-    from pipeline.storage.manifest import read_manifest
+    import ray
 
-    step = _StepMeter()
-    if manifest:
-        listing = step("read_manifest", lambda: read_manifest(InputConfig(uri=inputs_uri, manifest=manifest), {}))
-    else:
-        listing = step("list_inputs", lambda: list_inputs(InputConfig(uri=inputs_uri), {}))
-    fs.bytes_read = 0
-    before = step("read_index", lambda: read_index(fs, output_root))
-    index = step("index_table", before.table)
-    foreign = step("foreign_labels", lambda: foreign_labels(index, PLAN_MODEL, PLAN_PROMPT_SET))
-    done = step("done_keys", lambda: done_keys(index, PLAN_MODEL, PLAN_PROMPT_SET))
-    listed = listing["key"]
-    skipped = step(
-        "skipped", lambda: pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
-    )
-    images = step("shard_images", lambda: shard_images(index))
-    work = step("pending_inputs", lambda: pending_inputs(listing, done, images))
-    steps = step.steps
+    from pipeline.labelling import InputConfig
+    from pipeline.labelling.job import plan_inputs
+    from pipeline.labelling.work import RunKeys, list_labels, plan_work, read_file_index
+    from pipeline.storage.retry import Retry
+
+    step, local, retry = _StepMeter(), LocalFileSystem(), Retry(60)
+    inputs = step("plan_inputs", lambda: plan_inputs(InputConfig(uri=inputs_uri, manifest=manifest), {}, retry))
+    labels = step("list_labels", lambda: list_labels(local, output_root))
+    run = RunKeys(PLAN_MODEL, PLAN_PROMPT_SET, inputs.config_key)
+    with ProcessPeaks() as peaks:
+        work = step("plan_work", lambda: plan_work(inputs, local, labels, run, {}, retry))
+    steps = dict(step.steps)
     numbers = {
         "steps": steps,
         "total_seconds": sum(s["seconds"] for s in steps.values()),
         "planning_peak_rss_kib": max(s["peak_rss_kib"] for s in steps.values()),
-        "listed": listing.num_rows,
-        "index_rows": index.num_rows,
-        "index_files": len(before.files),
-        "index_bytes_read": fs.bytes_read,
-        "index_files_opened": fs.files_opened,
-        "index_rchar": steps["read_index"]["rchar"],
-        "foreign_groups": len(foreign),
-        "done": len(done),
-        "skipped": skipped,
-        "pending": work.num_rows,
+        "worker_peak_rss_kib": {role: kib for role, kib in peaks.by_role().items() if role != "driver"},
+        "partitions": work.partitions,
+        "listed": work.listed,
+        "index_files": len(labels),
+        "foreign_groups": len(work.foreign),
+        "skipped": work.skipped,
+        "pending": work.pending,
         "arrow_peak_bytes": step.pool.max_memory(),
         "arrow_pool": step.pool.backend_name,
     }
-    return numbers, work
+    with ThreadPoolExecutor(16) as pool:
+        numbers["index_rows"] = sum(pool.map(lambda path: read_file_index(fs, path).num_rows, labels))
+    numbers.update(index_bytes_read=fs.bytes_read, index_files_opened=fs.files_opened)
+    items = pa.concat_tables([WORK_SCHEMA.empty_table(), *ray.get(work.shards + work.loose)]).sort_by("key")
+    return numbers, items
 
 
 def _plan_child(inputs_uri: str, output_root: str, manifest: str | None) -> None:
-    """Body of the measuring process: import what the job's driver imports, then plan and print JSON."""
+    """Body of the measuring process: import what the job's driver imports and start Ray, then plan and print
+    JSON."""
     import pipeline.labelling.job  # noqa: F401  (torch, Ray, pyarrow, fsspec: the driver's baseline)
 
+    start_local_ray()
     baseline = {"rss_kib": rss_kib(), "import_peak_rss_kib": peak_kib()}
     numbers, _ = plan_steps(inputs_uri, output_root, CountingFileSystem(), manifest)
     numbers["baseline"] = baseline
@@ -214,20 +214,20 @@ def _print_numbers(numbers: dict, labels_bytes: int, share: float, expected: int
     peak = numbers["planning_peak_rss_kib"]
     print(
         f"  driver RSS: baseline {base['rss_kib'] / MIB:.0f} MiB after imports (pipeline.labelling.job: torch, "
-        f"Ray), peak while planning {peak / MIB:.0f} MiB (VmHWM), so planning added "
-        f"{(peak - base['rss_kib']) / MIB:.0f} MiB; ru_maxrss {numbers['peak_rss_kib'] / MIB:.0f} MiB at the end "
-        f"(reset with VmHWM before each step; {base['import_peak_rss_kib'] / MIB:.0f} MiB after the imports); "
-        f"Arrow's peak allocation {numbers['arrow_peak_bytes'] / 2**20:.0f} MiB ({numbers['arrow_pool']})"
+        f"Ray) and ray.init, peak while planning {peak / MIB:.0f} MiB (VmHWM), so planning added "
+        f"{(peak - base['rss_kib']) / MIB:.0f} MiB; Arrow's peak allocation in the driver "
+        f"{numbers['arrow_peak_bytes'] / 2**20:.0f} MiB ({numbers['arrow_pool']})"
     )
-    index_s = steps["read_index"]["seconds"] + steps["index_table"]["seconds"]
+    workers = ", ".join(f"{role} {kib / MIB:.0f} MiB" for role, kib in numbers["worker_peak_rss_kib"].items())
+    print(f"  Ray processes' peak RSS during plan_work ({numbers['partitions']} partitions): {workers}")
     print(
-        f"  resume index: {numbers['index_rows']} rows of {numbers['index_files']} files in {index_s:.2f} s "
-        f"({numbers['index_rows'] / index_s if index_s else 0:,.0f} rows/s); read {numbers['index_bytes_read']:,} "
-        f"bytes (counting filesystem; rchar {numbers['index_rchar']:,}) of labels/'s {labels_bytes:,}: {share:.2%}"
+        f"  resume index: {numbers['index_rows']} rows of {numbers['index_files']} files; reading it takes "
+        f"{numbers['index_bytes_read']:,} bytes (counting filesystem, measured apart) of labels/'s "
+        f"{labels_bytes:,}: {share:.2%}"
     )
     print(
-        f"  listed {numbers['listed']} inputs; done {numbers['done']}, skipped {numbers['skipped']}, "
-        f"pending work items {numbers['pending']} (expected {expected})"
+        f"  listed {numbers['listed']} inputs; skipped {numbers['skipped']}, pending work items "
+        f"{numbers['pending']} (expected {expected})"
     )
 
 

@@ -131,7 +131,7 @@ def _compact_labels(out: Path, file_mb: float) -> None:
     import ray
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.labelling.plan import compact_labels, read_index
+    from pipeline.labelling.work import LabelsFile, compact_labels, list_labels
     from pipeline.storage.retry import Retry
 
     started = not ray.is_initialized()
@@ -139,10 +139,19 @@ def _compact_labels(out: Path, file_mb: float) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         fs = LocalFileSystem()
-        compact_labels(fs, str(out), read_index(fs, str(out)), (), int(file_mb * 2**20), Retry(60))
+        files = [LabelsFile(path, size, *_row_counts(path)) for path, size in list_labels(fs, str(out)).items()]
+        compact_labels(fs, str(out), files, (), int(file_mb * 2**20), Retry(60))
     finally:
         if started:
             ray.shutdown()
+
+
+def _row_counts(path: str) -> tuple[int, int]:
+    """The rows and ok rows of a labels file."""
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(path, columns=["status"])["status"]
+    return len(status), pc.sum(pc.equal(status, "ok")).as_py() or 0
 
 
 def _write_labels(out: Path, inputs_folder: Path, inputs: int, rows: int, mask_bytes: int) -> None:

@@ -31,29 +31,18 @@ import ray.data
 
 from model import SegGptConfig, check_checkpoint, load_model
 from model.memory import KEEP_FREED_MEMORY_ENV
-from pipeline.labelling.compute import Compute, resolve_compute
-from pipeline.labelling.config import JobConfig, load_config
+from pipeline.labelling.compute import Compute, init_ray, resolve_compute
+from pipeline.labelling.config import InputConfig, JobConfig, load_config
 from pipeline.labelling.infer import SegGptPredictor
-from pipeline.labelling.plan import (
-    LabelsIndex,
-    clean_labels,
-    compact_labels,
-    count_inputs,
-    done_keys,
-    foreign_labels,
-    pending_inputs,
-    read_index,
-    shard_images,
-    shard_of,
-)
 from pipeline.labelling.postprocess import postprocess
 from pipeline.labelling.preprocess import preprocess
+from pipeline.labelling.work import Inputs, RunKeys, Work, list_labels, plan_work, settle_labels
 from pipeline.labelling.write import LabelWriter
 from pipeline.prompts import PromptSet, load_prompt_set
 from pipeline.storage.formats import read_inputs
 from pipeline.storage.lease import OutputLease
 from pipeline.storage.listing import list_inputs
-from pipeline.storage.manifest import read_manifest
+from pipeline.storage.manifest import PIECE_ROWS, manifest_pieces
 from pipeline.storage.output import RAN_COLUMNS, OutputError, prepare_output, read_job_file, write_job_files
 from pipeline.storage.retry import Retry, storage_failure
 
@@ -70,7 +59,7 @@ class Plan:
     prompts: PromptSet
     model_config: SegGptConfig
     model_fingerprint: str  # of the checkpoint; a row's `model` is `label_fingerprint` of it and the settings
-    inputs: pa.Table  # pipeline.storage.listing.LISTING_SCHEMA
+    inputs: Inputs  # listed, or a manifest's pieces: read in Ray tasks by `pipeline.labelling.work.plan_work`
 
 
 @dataclass
@@ -97,7 +86,7 @@ class Summary:
 
 def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> Plan:
     """Validate the config, the checkpoint (names and shapes of its weights) and the prompt set, and list the
-    inputs. No Ray work, nothing written."""
+    inputs (or find the pieces of `input.manifest`). No Ray work, nothing written."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
     options, retry, checkpoint = config.storage_options, Retry(config.storage.retry_s), config.model.checkpoint
@@ -113,24 +102,37 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
         ),
         config.prompts.uri,
     )
-    if config.input.manifest:
-        inputs = retry(lambda: read_manifest(config.input, options), config.input.manifest)
-    else:
-        inputs = retry(lambda: list_inputs(config.input, options), " ".join(config.input.uris))
+    inputs = plan_inputs(config.input, options, retry)
     fingerprint = retry(lambda: _fingerprint(checkpoint, model_config, options), checkpoint)
     return Plan(config, prompts, model_config, fingerprint, inputs)
 
 
-def build_dataset(job: Plan, work: pa.Table | None = None, compute: Compute | None = None) -> ray.data.Dataset:
+def plan_inputs(input_cfg: InputConfig, storage_options: dict[str, Any], retry: Retry) -> Inputs:
+    """The inputs of a run, for `plan_work`: the listing (driver-side, in pieces) or the pieces of `input.manifest`."""
+    if input_cfg.manifest:
+        pieces = retry(lambda: manifest_pieces(input_cfg, storage_options), input_cfg.manifest)
+        return Inputs(tuple(pieces), sum(piece.rows for piece in pieces), input_cfg, "input.manifest")
+    listing = retry(lambda: list_inputs(input_cfg, storage_options), " ".join(input_cfg.uris))
+    pieces = tuple(listing.slice(start, PIECE_ROWS) for start in range(0, listing.num_rows, PIECE_ROWS))
+    return Inputs(pieces, listing.num_rows, None, input_cfg.config_key)
+
+
+def build_dataset(job: Plan, work: Work | None = None, compute: Compute | None = None) -> ray.data.Dataset:
     """The lazy dataset of result rows, one per image of `work` (default: every input), without writing anything.
 
-    `work` is what `pipeline.labelling.plan.pending_inputs` gives for the keys to skip; `compute` (default: settled
-    here, see `resolve_compute`) how the model actors run.
+    `work` is what `pipeline.labelling.work.plan_work` planned; `compute` (default: settled here, see
+    `resolve_compute`) how the model actors run.
     """
     config, retry = job.config, Retry(job.config.storage.retry_s)
     compute = compute or resolve_compute(config)
-    work = pending_inputs(job.inputs, pa.array([], pa.string())) if work is None else work
-    ds = read_inputs(work, image_column=config.input.image_column, storage_options=config.storage_options, retry=retry)
+    work = work or _plan(job, compute, None, {})
+    ds = read_inputs(
+        work.shards,
+        work.loose,
+        image_column=config.input.image_column,
+        storage_options=config.storage_options,
+        retry=retry,
+    )
     # Preprocess runs in tasks of its own, as many as the CPUs allow (never fused into the model's actors, whose
     # runtime environment differs).
     ds = ds.map_batches(
@@ -200,17 +202,17 @@ def autolabel(
     summary = Summary(output_uri=output.uri)
     with OutputLease(fs, root, output.uri, retry=retry) as lease:  # its `retry` writes only while it is held
         runs = retry(lambda: read_job_file(fs, root), output.uri).get("runs", [])
-        before = retry(lambda: read_index(fs, root), output.uri) if output.resume else LabelsIndex()
-        index = before.table()
+        before = retry(lambda: list_labels(fs, root), output.uri) if output.resume else {}
         compute = resolve_compute(config, log)
         model = label_fingerprint(job, compute)
+        work = _plan(job, compute, fs, before)
         if output.on_mismatch == "refuse":
-            _refuse_foreign_labels(index, model, prompt_set, output.uri, _made_with(job, compute, runs))
-        work, summary.skipped = _pending_work(job, index, model)
+            _refuse_foreign_labels(work.foreign, model, prompt_set, output.uri, _made_with(job, compute, runs))
+        summary.skipped = work.skipped
         lease.retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
         log(
-            f"planned: {job.inputs.num_rows} input files, {summary.skipped} images done before, "
-            f"{work.num_rows} files or shards to read"
+            f"planned: {work.listed} input files, {summary.skipped} images done before, "
+            f"{work.pending} files or shards to read"
         )
         log(f"compute: {compute}")
 
@@ -226,11 +228,9 @@ def autolabel(
         info = _job_info(job, compute, summary, started, runs, completed=False)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=False), output.uri)
         _drain(ds, summary, log, progress_every_s)
-        after = lease.retry(
-            lambda: clean_labels(fs, root, read_index(fs, root, known=before), model, prompt_set), output.uri
+        _, summary.added = settle_labels(
+            fs, root, before, _run_keys(job, compute), work.partitions, int(output.file_mb * 2**20), lease.retry
         )
-        after = compact_labels(fs, root, after, before.files, int(output.file_mb * 2**20), lease.retry)
-        summary.added = _added(index["key"], after)
         info = _job_info(job, compute, summary, started, runs, completed=True)
         lease.retry(lambda: write_job_files(output.uri, options, info, success=True), output.uri)
     return summary
@@ -269,19 +269,21 @@ def _drain(ds: ray.data.Dataset, summary: Summary, log: Callable[[str], None], p
     summary.seconds = time.monotonic() - start
 
 
-def _pending_work(job: Plan, index: pa.Table, model: str) -> tuple[pa.Table, int]:
-    """The work items of a run over `job`'s inputs, given the index of the output and the run's `model`
-    (`label_fingerprint`), and the images done before."""
-    done = done_keys(index, model, job.prompts.fingerprint)
-    listed = job.inputs["key"]
-    skipped = pc.sum(pc.or_(pc.is_in(done, listed), pc.is_in(shard_of(done), listed))).as_py() or 0
-    return pending_inputs(job.inputs, done, shard_images(index)), skipped
+def _run_keys(job: Plan, compute: Compute) -> RunKeys:
+    return RunKeys(label_fingerprint(job, compute), job.prompts.fingerprint, job.inputs.config_key)
 
 
-def _refuse_foreign_labels(index: pa.Table, model: str, prompt_set: str, uri: str, made_with: dict[str, str]) -> None:
-    """Raise `OutputError` when `index` has ok rows of another model or prompt set; `made_with` (`_made_with`) says
-    what each known model fingerprint stands for."""
-    foreign = foreign_labels(index, model, prompt_set)
+def _plan(job: Plan, compute: Compute, fs: fsspec.AbstractFileSystem | None, labels: dict[str, int]) -> Work:
+    """`plan_work` for `job` run with `compute`, given the output's `labels` files on `fs`."""
+    options, retry = job.config.storage_options, Retry(job.config.storage.retry_s)
+    return plan_work(job.inputs, fs, labels, _run_keys(job, compute), options, retry)
+
+
+def _refuse_foreign_labels(
+    foreign: list[dict], model: str, prompt_set: str, uri: str, made_with: dict[str, str]
+) -> None:
+    """Raise `OutputError` when there are `foreign` labels (`Work.foreign`: ok rows of another model or prompt set);
+    `made_with` (`_made_with`) says what each known model fingerprint stands for."""
     if foreign:
         top = foreign[0]
         more = f" (and {len(foreign) - 1} other model/prompt-set pairs)" if len(foreign) > 1 else ""
@@ -312,12 +314,6 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return " ".join(f"{key}={str(value).lower()}" for key, value in sorted(settings.items()))
 
 
-def _added(keys_before: pa.ChunkedArray, after: LabelsIndex) -> int:
-    """How many keys are in `after` and were not among `keys_before`."""
-    new = after.table()["key"]
-    return pc.sum(pc.invert(pc.is_in(new, value_set=keys_before.combine_chunks()))).as_py() or 0
-
-
 def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check config, prompt set and checkpoint (reading all weights) and count the inputs, without labelling."""
     job = plan(config, overrides)
@@ -327,9 +323,11 @@ def dry_run(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, 
         Retry(job.config.storage.retry_s),
     )
     retry(lambda: load_model(checkpoint, storage_options=options), checkpoint)
-    counted = count_inputs(job.inputs, job.config.input.image_column, options, retry=retry)
+    init_ray()
+    keys = RunKeys("", "", job.inputs.config_key, count=(job.config.input.image_column, options, retry))
+    work = plan_work(job.inputs, None, {}, keys, options, retry)
     return {
-        "inputs": dataclasses.asdict(counted),
+        "inputs": dataclasses.asdict(work.counted),
         "prompts": list(job.prompts.names),
         "classes": list(job.prompts.classes),
     }

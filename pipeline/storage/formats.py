@@ -35,7 +35,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
@@ -234,20 +233,29 @@ def tables_of(
 
 
 def read_inputs(
-    work: pa.Table, *, image_column: str, storage_options: dict[str, Any], retry: Retry, num_cpus: float = 0.25
+    shards: list[ray.ObjectRef],
+    loose: list[ray.ObjectRef],
+    *,
+    image_column: str,
+    storage_options: dict[str, Any],
+    retry: Retry,
+    num_cpus: float = 0.25,
 ) -> ray.data.Dataset:
-    """A lazy dataset of `READ_SCHEMA` rows, one per image of the work items (`pipeline.labelling.plan.WORK_SCHEMA`).
+    """A lazy dataset of `READ_SCHEMA` rows, one per image of the work items (`pipeline.labelling.plan.WORK_SCHEMA`):
+    `shards` and `loose` are tables of them in the object store (shards, and loose files), as the plan leaves them.
 
-    Bytes are read by Ray tasks using `num_cpus` each: a shard per task, loose files 64 to a task. Skipped tar members
-    and Parquet rows are passed over inside the task. Storage errors are retried by `retry`; past its budget the
-    image (or the rest of the shard) becomes an error row.
+    Bytes are read by Ray tasks using `num_cpus` each: a shard per task, loose files 64 to a task (blocks cut as they
+    stream from the tables). Skipped tar members and Parquet rows are passed over inside the task. Storage errors
+    are retried by `retry`; past its budget the image (or the rest of the shard) becomes an error row.
     """
-    if work.num_rows == 0:
+    parts = [
+        ray.data.from_arrow_refs(refs).repartition(target_num_rows_per_block=rows)
+        for refs, rows in ((shards, 1), (loose, _IMAGES_PER_BLOCK))
+        if refs
+    ]
+    if not parts:
         return ray.data.from_arrow(READ_SCHEMA.empty_table())
-    shards = pc.sum(pc.not_equal(work["kind"], "images")).as_py()
-    blocks = [work.slice(i, 1) for i in range(shards)]
-    blocks += [work.slice(start, _IMAGES_PER_BLOCK) for start in range(shards, work.num_rows, _IMAGES_PER_BLOCK)]
-    return ray.data.from_arrow(blocks).map_batches(
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).map_batches(
         _read_items,
         batch_size=None,
         batch_format="pyarrow",
