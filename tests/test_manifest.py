@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+import pipeline.labelling.work
+import pipeline.storage.manifest
 from model.processing import decode_png
 from pipeline.config import ConfigError
 from pipeline.labelling import load_config
@@ -78,7 +80,15 @@ def labelled_here(output: Path) -> dict[str, dict]:
     return {row["key"]: row for row in new.to_pylist()}
 
 
-def test_a_manifest_of_200000_keys_labels_exactly_the_new_images(assets, tmp_path, ray_session):
+def smaller_pieces(monkeypatch) -> None:
+    """Plan in pieces of 50,000 keys (read by 4 tasks or more), partitions of 60,000, index tasks of 2 files."""
+    monkeypatch.setattr(pipeline.storage.manifest, "PIECE_ROWS", 50_000)
+    monkeypatch.setattr(pipeline.labelling.work, "PARTITION_ROWS", 60_000)
+    monkeypatch.setattr(pipeline.labelling.work, "_INDEX_FILES_PER_TASK", 2)
+
+
+def test_a_manifest_of_200000_keys_labels_exactly_the_new_images(assets, tmp_path, ray_session, monkeypatch):
+    smaller_pieces(monkeypatch)
     row = seed_row(assets, tmp_path, "seed.jpg", encoded(picture(0, (20, 16))))
     keys = [f"day{i // 20_000:02d}/{i:06d}.jpg" for i in range(KEYS)]
     data = tmp_path / "data"
@@ -90,13 +100,17 @@ def test_a_manifest_of_200000_keys_labels_exactly_the_new_images(assets, tmp_pat
     done = [key for key in keys if key not in new]
     output = tmp_path / "out"
     labelled_before(output, {**row, "source": None}, done)
-    pq.write_table(pa.table({"key": keys, "size": np.arange(KEYS)}), tmp_path / "manifest.parquet")
+    pq.write_table(
+        pa.table({"key": keys, "size": np.arange(KEYS)}), tmp_path / "manifest.parquet", row_group_size=25_000
+    )
 
     config = job_config(assets, str(data), str(output), {}, manifest=str(tmp_path / "manifest.parquet"))
     lines: list[str] = []
     summary = autolabel(config, log=lines.append)
 
-    assert lines[0] == f"planned: {KEYS} input files, {KEYS - 8} images done before, 8 files or shards to read"
+    assert lines[0] == (
+        f"planned: {KEYS} input files, {KEYS - 8} images done before, 8 files or shards to read (4 partitions)"
+    )
     assert (summary.ok, summary.error, summary.skipped, summary.added) == (8, 0, KEYS - 8, 8)  # nothing else read
     rows = labelled_here(output)
     assert sorted(rows) == sorted(new)  # the new images, and only they, labelled by this run
@@ -115,9 +129,13 @@ def shard(path: Path, members: dict[str, bytes]) -> None:
             tar.addfile(info, io.BytesIO(payload))
 
 
-def test_a_manifest_of_200000_webdataset_shards_labels_exactly_the_new_members(assets, tmp_path, ray_session):
+def test_a_manifest_of_200000_webdataset_shards_labels_exactly_the_new_members(
+    assets, tmp_path, ray_session, monkeypatch
+):
     """Done shards cost one labels row each (their `shard_images` says they are whole); a shard half done has its
-    other half labelled; new shards are labelled whole."""
+    other half labelled; new shards are labelled whole. The rows of a shard's members meet its shard in one of
+    the partitions."""
+    smaller_pieces(monkeypatch)
     shard(tmp_path / "seed.tar", {"000.jpg": encoded(picture(0, (20, 16)))})
     row = seed_row(assets, tmp_path, "seed.tar", (tmp_path / "seed.tar").read_bytes(), format="webdataset")
     assert row["shard_images"] == 1
@@ -143,7 +161,11 @@ def test_a_manifest_of_200000_webdataset_shards_labels_exactly_the_new_members(a
     lines: list[str] = []
     summary = autolabel(config, log=lines.append)
 
-    assert lines[0] == f"planned: {KEYS} input files, {len(done)} images done before, 3 files or shards to read"
+    partitions = -(-(tmp_path / "manifest.csv").stat().st_size // 16 // 60_000)  # a CSV's keys guessed from its size
+    assert lines[0] == (
+        f"planned: {KEYS} input files, {len(done)} images done before, 3 files or shards to read ({partitions} "
+        "partitions)"
+    )
     assert (summary.ok, summary.error) == (5, 0)
     rows = labelled_here(output)
     expected = {f"{name}/{member}": payload for name, content in members.items() for member, payload in content.items()}
@@ -269,6 +291,22 @@ def test_bad_manifests_are_refused_naming_the_manifest(assets, tmp_path, files, 
     )
     with pytest.raises(InputError, match=message):
         dry_run(config)
+
+
+def test_a_key_in_two_manifest_files_is_refused_whichever_partition_it_lands_in(
+    assets, tmp_path, ray_session, monkeypatch
+):
+    monkeypatch.setattr(pipeline.storage.manifest, "PIECE_ROWS", 100)  # a piece per file
+    monkeypatch.setattr(pipeline.labelling.work, "PARTITION_ROWS", 50)  # 4 partitions
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    for part in range(2):
+        keys = [f"{part}-{i:03d}.jpg" for i in range(100)] + (["dup.jpg"] if part else [])
+        pq.write_table(pa.table({"key": (["dup.jpg"] if not part else []) + keys}), manifests / f"{part}.parquet")
+    config = job_config(assets, str(tmp_path / "data"), str(tmp_path / "out"), {}, manifest=str(manifests))
+    with pytest.raises(InputError, match=r"^input.manifest: 1 duplicate key\(s\), e.g. 'dup.jpg'"):
+        dry_run(config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_manifest_takes_one_input_uri(assets, tmp_path):

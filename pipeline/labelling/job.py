@@ -1,9 +1,11 @@
 """The auto-labelling job: read → preprocess → infer → postprocess → write, on Ray Data.
 
-Everything that can refuse a run is checked before the output is touched: config, prompt set, checkpoint
-and the input listing (in `plan`, before Ray starts), the output's lease and, on a resume, the model,
-settings and prompt set that made the labels already there (in `autolabel`, once Ray is joined, since the
-settings `auto` settles on depend on the cluster's GPUs: see `pipeline.labelling.compute`).
+Everything that can refuse a run is checked before the output is touched: config, prompt set, checkpoint and
+the inputs' top level (a URI that does not exist, a manifest without its files or column; in `plan`, before Ray
+starts), the output's lease and then, in `autolabel` once Ray is joined, what the planning finds on Ray
+(`pipeline.labelling.work.plan_work`: duplicate keys, no inputs) and, on a resume, the model, settings and prompt
+set that made the labels already there (the settings `auto` settles on depend on the cluster's GPUs: see
+`pipeline.labelling.compute`).
 
 Every storage call, here and in the job's tasks and actors, goes through one `pipeline.storage.retry.Retry` of
 `storage.retry_s`; past it the job raises `StorageUnavailable` naming the URI (reads: an error row instead),
@@ -36,13 +38,21 @@ from pipeline.labelling.config import InputConfig, JobConfig, load_config
 from pipeline.labelling.infer import SegGptPredictor
 from pipeline.labelling.postprocess import postprocess
 from pipeline.labelling.preprocess import preprocess
-from pipeline.labelling.work import Inputs, RunKeys, Work, list_labels, plan_work, settle_labels
+from pipeline.labelling.work import (
+    LISTING_FOLDERS_PER_TASK,
+    Inputs,
+    RunKeys,
+    Work,
+    list_labels,
+    plan_work,
+    settle_labels,
+)
 from pipeline.labelling.write import LabelWriter
 from pipeline.prompts import PromptSet, load_prompt_set
 from pipeline.storage.formats import read_inputs
 from pipeline.storage.lease import OutputLease
-from pipeline.storage.listing import list_inputs
-from pipeline.storage.manifest import PIECE_ROWS, manifest_pieces
+from pipeline.storage.listing import listing_pieces
+from pipeline.storage.manifest import manifest_pieces
 from pipeline.storage.output import RAN_COLUMNS, OutputError, prepare_output, read_job_file, write_job_files
 from pipeline.storage.retry import Retry, storage_failure
 
@@ -86,7 +96,7 @@ class Summary:
 
 def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...] = ()) -> Plan:
     """Validate the config, the checkpoint (names and shapes of its weights) and the prompt set, and list the
-    inputs (or find the pieces of `input.manifest`). No Ray work, nothing written."""
+    inputs' top level (or find the pieces of `input.manifest`). No Ray work, nothing written."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
     options, retry, checkpoint = config.storage_options, Retry(config.storage.retry_s), config.model.checkpoint
@@ -108,13 +118,15 @@ def plan(config: JobConfig | dict | str | os.PathLike, overrides: tuple[str, ...
 
 
 def plan_inputs(input_cfg: InputConfig, storage_options: dict[str, Any], retry: Retry) -> Inputs:
-    """The inputs of a run, for `plan_work`: the listing (driver-side, in pieces) or the pieces of `input.manifest`."""
+    """The inputs of a run, in pieces for `plan_work`'s Ray tasks: the listing's top level (URIs that do not exist
+    are refused here), or the pieces of `input.manifest`."""
     if input_cfg.manifest:
         pieces = retry(lambda: manifest_pieces(input_cfg, storage_options), input_cfg.manifest)
         return Inputs(tuple(pieces), sum(piece.rows for piece in pieces), input_cfg, "input.manifest")
-    listing = retry(lambda: list_inputs(input_cfg, storage_options), " ".join(input_cfg.uris))
-    pieces = tuple(listing.slice(start, PIECE_ROWS) for start in range(0, listing.num_rows, PIECE_ROWS))
-    return Inputs(pieces, listing.num_rows, None, input_cfg.config_key)
+    pieces = retry(
+        lambda: listing_pieces(input_cfg, storage_options, LISTING_FOLDERS_PER_TASK), " ".join(input_cfg.uris)
+    )
+    return Inputs(tuple(pieces), None, input_cfg, input_cfg.config_key)
 
 
 def build_dataset(job: Plan, work: Work | None = None, compute: Compute | None = None) -> ray.data.Dataset:
@@ -212,7 +224,7 @@ def autolabel(
         lease.retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
         log(
             f"planned: {work.listed} input files, {summary.skipped} images done before, "
-            f"{work.pending} files or shards to read"
+            f"{work.pending} files or shards to read ({work.partitions} partitions)"
         )
         log(f"compute: {compute}")
 

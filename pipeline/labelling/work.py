@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.labelling.config import InputConfig
 from pipeline.labelling.plan import (
     INDEX_SCHEMA,
     InputCount,
@@ -49,12 +50,21 @@ from pipeline.labelling.plan import (
     shard_images,
     shard_of,
 )
-from pipeline.storage.listing import LISTING_SCHEMA, InputError, check_unique, wanted_kinds
+from pipeline.storage.listing import (
+    LISTING_SCHEMA,
+    InputError,
+    ListingPiece,
+    check_unique,
+    list_piece,
+    nothing_found,
+    wanted_kinds,
+)
 from pipeline.storage.manifest import ManifestPiece, ManifestSpec, read_piece
 from pipeline.storage.output import LABELS_DIR, labels_file_name, parquet_bytes, write_atomically
 from pipeline.storage.retry import Retry, storage_failure
 
 PARTITION_ROWS = 500_000  # input rows per partition, about
+LISTING_FOLDERS_PER_TASK = 16  # top-level folders one listing task walks
 _INDEX_FILES_PER_TASK = 4096  # labels files whose index one task reads, at most ...
 _INDEX_BYTES_PER_TASK = 256 << 20  # ... or files of about these bytes
 _THREADS = 16
@@ -70,11 +80,11 @@ _PART_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a run reads, ready for Ray tasks: listed rows (`LISTING_SCHEMA` tables) or manifest pieces."""
+    """What a run reads, in pieces for Ray tasks: a listing's (top-level files and folders to walk) or a manifest's."""
 
-    pieces: tuple[pa.Table | ManifestPiece, ...]
-    rows: int  # about
-    spec: ManifestSpec | None  # the input section, where the pieces are a manifest's
+    pieces: tuple[ListingPiece | ManifestPiece, ...]
+    rows: int | None  # a manifest's keys, about; None for a listing (its pieces are listed and counted first)
+    spec: InputConfig
     config_key: str  # where the inputs came from, to name in errors
 
 
@@ -148,10 +158,17 @@ def plan_work(
 
     Raises `InputError` for duplicate keys or a manifest without inputs, and `StorageUnavailable` past `retry`'s
     budget: before any Ray task wrote anything."""
-    partitions = max(1, math.ceil(inputs.rows / PARTITION_ROWS))
+    pieces, rows = list(inputs.pieces), inputs.rows
+    if rows is None:  # a listing: walked first, to count its inputs
+        listed = [_list_piece.options(num_returns=2).remote(piece, storage_options, retry) for piece in pieces]
+        rows = sum(_get([count for count, _ in listed]))
+        if rows == 0:
+            raise InputError(nothing_found(inputs.spec))
+        pieces = [table for _, table in listed]
+    partitions = max(1, math.ceil(rows / PARTITION_ROWS))
     input_parts = [
         _split_inputs.options(num_returns=partitions + 1).remote(piece, inputs.spec, storage_options, retry, partitions)
-        for piece in inputs.pieces
+        for piece in pieces
     ]
     _, index_parts = _split_index(fs, labels, (), partitions, retry)
     planned = [
@@ -163,7 +180,7 @@ def plan_work(
     del input_parts, index_parts  # the tasks hold what they need
     stats = _get([counts for _, _, counts in planned])
     listed = sum(s["listed"] for s in stats)
-    if listed == 0 and inputs.spec is not None:
+    if listed == 0:
         raise InputError(f"input.manifest: no {wanted_kinds(inputs.spec.format)} keys in {inputs.spec.manifest}")
     foreign: dict[tuple[str, str], int] = {}
     for s in stats:
@@ -224,14 +241,21 @@ def _split_index(
 
 
 @ray.remote(num_cpus=1)
+def _list_piece(piece: ListingPiece, storage_options: dict[str, Any], retry: Retry) -> tuple[int, pa.Table]:
+    """Ray task: the inputs of a listing piece, after their count."""
+    rows = retry(lambda: list_piece(piece, storage_options), piece.uri)
+    return rows.num_rows, rows
+
+
+@ray.remote(num_cpus=1)
 def _split_inputs(
     piece: pa.Table | ManifestPiece,
-    spec: ManifestSpec | None,
+    spec: ManifestSpec,
     storage_options: dict[str, Any],
     retry: Retry,
     partitions: int,
 ) -> tuple:
-    """Ray task: the input rows of a piece by partition, after their count."""
+    """Ray task: the input rows of a piece (a listed table, or a manifest's piece) by partition, after their count."""
     if isinstance(piece, ManifestPiece):
         rows = retry(lambda: read_piece(piece, spec, storage_options), spec.manifest)
     else:

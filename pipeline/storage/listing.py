@@ -1,4 +1,5 @@
-"""What a dataset holds: its files and shards listed on the driver with fsspec, and their keys.
+"""What a dataset holds: its files and shards listed with fsspec, and their keys. `list_inputs` lists on the driver
+(the datasets of training, prompts and evaluation); the job lists its `listing_pieces` in Ray tasks.
 
 Inputs (one URI or a list; each a folder/prefix read recursively, a glob, or a file):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import fsspec
@@ -65,49 +67,77 @@ class InputSpec(Protocol):
     config_key: str  # the key the user set the URIs with, to name in errors (e.g. "input.uri", "data.uri")
 
 
+@dataclass(frozen=True)
+class ListingPiece:
+    """A part of a listing that one thread or Ray task makes (`list_piece`): files of one input URI found already, and
+    folders below it to walk."""
+
+    uri: str  # the input URI (its filesystem)
+    files: tuple[str, ...]
+    folders: tuple[str, ...]
+    base: str  # keys are paths relative to it
+    wanted: str  # the `format`
+
+
 def list_inputs(input_cfg: InputSpec, storage_options: dict[str, Any]) -> pa.Table:
     """The input files and shards as a `LISTING_SCHEMA` table sorted by key; reads no file contents.
 
-    The URIs, and the top-level folders under each, are listed in parallel; names are kept as Arrow
-    strings (about 100 bytes per file), never as one Python object per file, and the filesystem's
-    listing cache is dropped after each URI.
+    The URIs, and the top-level folders under each, are listed in parallel (`listing_pieces`); names are kept as
+    Arrow strings (about 100 bytes per file), never as one Python object per file, and the filesystem's listing
+    cache is dropped after each folder.
     """
+    pieces = listing_pieces(input_cfg, storage_options, folders_per_piece=1)
     with ThreadPoolExecutor(_LIST_THREADS) as pool:
-        listed = list(
-            pool.map(
-                lambda uri: _list_uri(uri, input_cfg.format, storage_options, input_cfg.config_key), input_cfg.uris
-            )
+        found = pa.concat_tables(
+            [LISTING_SCHEMA.empty_table(), *pool.map(lambda piece: list_piece(piece, storage_options), pieces)]
         )
-    found = pa.concat_tables([table for _, table in listed])
     if found.num_rows == 0:
-        raise InputError(
-            f"{input_cfg.config_key}: no {wanted_kinds(input_cfg.format)} files found in {', '.join(input_cfg.uris)}"
-        )
-    base = _common_folder([root for root, _ in listed])
-    keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(found["path"], len(base)), "/")
-    listing = pa.table([keys, found["source"], found["kind"]], schema=LISTING_SCHEMA).sort_by("key")
-    del found, keys
+        raise InputError(nothing_found(input_cfg))
+    listing = found.sort_by("key")
+    del found
     pa.default_memory_pool().release_unused()  # hand the copies made on the way back to the system
     check_unique(listing, input_cfg.config_key)
     return listing
 
 
-def _list_uri(uri: str, wanted: str, storage_options: dict[str, Any], key: str) -> tuple[str, pa.Table]:
-    """The root folder of one input URI and a table (path, source, kind) of the input files it names."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+def nothing_found(input_cfg: InputSpec) -> str:
+    """The error of a listing that found no inputs."""
+    return f"{input_cfg.config_key}: no {wanted_kinds(input_cfg.format)} files found in {', '.join(input_cfg.uris)}"
+
+
+def listing_pieces(input_cfg: InputSpec, storage_options: dict[str, Any], folders_per_piece: int) -> list[ListingPiece]:
+    """The pieces of the listing of `input_cfg`'s URIs: for each URI its top level (a glob's matches, a folder's
+    files and subfolders, or a file), its folders `folders_per_piece` to a piece. Raises `InputError` for a URI that
+    does not exist."""
+    with ThreadPoolExecutor(_LIST_THREADS) as pool:
+        tops = list(pool.map(lambda uri: _top_level(uri, storage_options, input_cfg.config_key), input_cfg.uris))
+    base = _common_folder([root for _, root, _, _ in tops])
+    pieces = []
+    for uri, _, files, folders in tops:
+        pieces += [ListingPiece(uri, files, (), base, input_cfg.format)] if files else []
+        for first in range(0, len(folders), folders_per_piece):
+            pieces.append(ListingPiece(uri, (), folders[first : first + folders_per_piece], base, input_cfg.format))
+    return pieces
+
+
+def list_piece(piece: ListingPiece, storage_options: dict[str, Any]) -> pa.Table:
+    """The inputs (`LISTING_SCHEMA` rows, unsorted) of one piece: its files, and every file below its folders."""
+    fs = fsspec.core.url_to_fs(piece.uri, **storage_options)[0]
     fs.invalidate_cache()
     try:
-        root, paths = _expand(fs, path, uri, key)
+        with ThreadPoolExecutor(_LIST_THREADS) as pool:
+            walked = list(pool.map(lambda folder: _walk(fs, folder), piece.folders))
     finally:
         fs.invalidate_cache()
-    kinds = input_kinds(paths, wanted)
+    paths = pa.concat_arrays([pa.array(piece.files, pa.string()), *walked])
+    kinds = input_kinds(paths, piece.wanted)
     if kinds.null_count:
         keep = pc.is_valid(kinds)
         paths, kinds = paths.filter(keep), kinds.filter(keep)
     sample = paths[0].as_py() if len(paths) else ""
     prefix = fs.unstrip_protocol(sample).removesuffix(sample)  # e.g. "s3://", "file://"
-    sources = pc.binary_join_element_wise(prefix, paths, "")
-    return root, pa.table({"path": paths, "source": sources, "kind": kinds})
+    keys = pc.utf8_ltrim(pc.utf8_slice_codeunits(paths, len(piece.base)), "/")
+    return pa.table([keys, pc.binary_join_element_wise(prefix, paths, ""), kinds], schema=LISTING_SCHEMA)
 
 
 def wanted_kinds(wanted: str) -> str:
@@ -129,29 +159,27 @@ def input_kinds(paths: pa.Array, wanted: str) -> pa.Array:
     return pc.case_when(conditions, *(pa.scalar(value, pa.string()) for value in values))
 
 
-def _expand(fs: fsspec.AbstractFileSystem, path: str, uri: str, key: str) -> tuple[str, pa.Array]:
-    """The root folder of one input URI and the paths of the files it names."""
-    if has_magic(path):
-        wildcard = min(path.index(char) for char in "*?[" if char in path)
-        root = path[:wildcard].rpartition("/")[0]
-        matches = fs.glob(path, detail=True)
-        files = pa.array(sorted(name for name, info in matches.items() if info["type"] != "directory"), pa.string())
-        folders = [_files_under(fs, name) for name, info in sorted(matches.items()) if info["type"] == "directory"]
-        return root, pa.concat_arrays([files, *folders])
-    if fs.isdir(path):
-        return path, _files_under(fs, path)
-    if fs.isfile(path):
-        return path.rpartition("/")[0], pa.array([path], pa.string())
-    raise InputError(f"{key}: {uri} does not exist")
-
-
-def _files_under(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
-    """Every file below `folder`: its own files, and each top-level subfolder walked in its own thread."""
-    entries = fs.ls(folder, detail=True)
-    files = pa.array([entry["name"] for entry in entries if entry["type"] != "directory"], pa.string())
-    subfolders = [entry["name"] for entry in entries if entry["type"] == "directory"]
-    with ThreadPoolExecutor(_LIST_THREADS) as pool:
-        return pa.concat_arrays([files, *pool.map(lambda sub: _walk(fs, sub), subfolders)])
+def _top_level(
+    uri: str, storage_options: dict[str, Any], key: str
+) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """One input URI's (uri, root folder, files, folders to walk): a glob's matches, a folder's own files and
+    subfolders, or a single file."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs.invalidate_cache()
+    try:
+        if has_magic(path):
+            wildcard = min(path.index(char) for char in "*?[" if char in path)
+            root, entries = path[:wildcard].rpartition("/")[0], fs.glob(path, detail=True)
+        elif fs.isdir(path):
+            root, entries = path, {entry["name"]: entry for entry in fs.ls(path, detail=True)}
+        elif fs.isfile(path):
+            return uri, path.rpartition("/")[0], (path,), ()
+        else:
+            raise InputError(f"{key}: {uri} does not exist")
+    finally:
+        fs.invalidate_cache()
+    files = tuple(sorted(name for name, info in entries.items() if info["type"] != "directory"))
+    return uri, root, files, tuple(sorted(name for name, info in entries.items() if info["type"] == "directory"))
 
 
 def _walk(fs: fsspec.AbstractFileSystem, folder: str) -> pa.Array:
