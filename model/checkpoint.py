@@ -1,4 +1,5 @@
-"""Load SegGPT weights: a Hugging Face model folder or an original BAAI checkpoint, from any fsspec URL.
+"""Load SegGPT weights: a Hugging Face model folder or an original BAAI checkpoint, from any fsspec URL, or a
+Hugging Face model id (`BAAI/seggpt-vit-large`, as in transformers) through this node's hub cache.
 
 Our parameter names are the authors' (`seggpt_vit_large.pth`); Hugging Face names are renamed on load.
 Pickled files are read with `weights_only=True`: a pickle that would run code is refused.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import posixpath
 import re
@@ -46,8 +48,37 @@ _HF_RENAMES = [
 _HF_MARKERS = ("embeddings.", "encoder.layers.", "decoder.decoder_")
 
 
+_HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")  # org/name[@revision]
+_HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.pth"]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the config."""
+
+
+def is_hub_id(uri: str) -> bool:
+    """Whether `uri` names a Hugging Face model (`org/name`, optionally `@revision`) rather than a path or URL: it
+    looks like one, and no such path exists here."""
+    return "://" not in uri and _HUB_ID.match(uri) is not None and not os.path.exists(uri)
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """`uri` itself, or for a Hugging Face model id (`is_hub_id`) the folder of its snapshot in this node's hub cache,
+    downloaded the first time (huggingface_hub locks the cache, so that the processes of a node share one download).
+    Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE; raises `CheckpointError` in one line when the id is neither
+    cached nor reachable."""
+    if not is_hub_id(uri):
+        return uri
+    from huggingface_hub import snapshot_download
+
+    match = _HUB_ID.match(uri)
+    try:
+        return snapshot_download(match["repo"], revision=match["revision"], allow_patterns=_HUB_FILES)
+    except Exception as error:  # huggingface_hub's errors: offline and not cached, no such repo, no network, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{uri}: a Hugging Face model id, not in the hub cache or not reachable: {reason}"
+        ) from None
 
 
 def hf_to_native(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +106,8 @@ def load_model(
     device: torch.device | str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> SegGpt:
-    """Load a SegGPT model in eval mode from a local path or fsspec URL (`s3://`, `gs://`, `hf://`, ...).
+    """Load a SegGPT model in eval mode from a local path or fsspec URL (`s3://`, `gs://`, `hf://`, ...), or a
+    Hugging Face model id (`resolve_checkpoint`).
 
     `uri` is either a Hugging Face model folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)
     or a checkpoint file (the authors' `seggpt_vit_large.pth`, a `.bin` or a `.safetensors`); a file takes its
@@ -100,7 +132,7 @@ def _read_checkpoint(
     uri: str, storage_options: dict[str, Any] | None, header_only: bool
 ) -> tuple[SegGpt, dict[str, torch.Tensor]]:
     """A model on the meta device and the checked state dict (meta tensors with `header_only`)."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(resolve_checkpoint(uri), **(storage_options or {}))
     config = _read_config(fs, path, uri)
     if fs.isdir(path):
         state_dict = _read_folder(fs, path, uri, header_only)

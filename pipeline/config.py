@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from model.checkpoint import is_hub_id
 from pipeline.storage.retry import DEFAULT_RETRY_S
 
 _SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
@@ -42,6 +43,12 @@ def absolute_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(uri)))
 
 
+def checkpoint_uri(uri: str) -> str:
+    """A checkpoint's URI (`absolute_uri`), or a Hugging Face model id (`org/name[@revision]`, not a path here) as it
+    is: each node resolves it in its own hub cache (`model.checkpoint.resolve_checkpoint`)."""
+    return uri if is_hub_id(uri) else absolute_uri(uri)
+
+
 def describe(value: Any) -> str:
     """A value as error messages show it: a scalar by its repr, anything else by its type's name."""
     return repr(value) if value is None or isinstance(value, (str, int, float, bool)) else type(value).__name__
@@ -56,6 +63,7 @@ def _non_empty(uris: tuple[str, ...]) -> tuple[str, ...]:
 LIST_AS_TUPLE = Strict(False)  # a tuple-typed key takes the list YAML gives (its items are still checked strictly)
 Text = Annotated[str, Field(min_length=1)]
 Location = Annotated[Text, AfterValidator(absolute_uri)]
+Checkpoint = Annotated[Text, AfterValidator(lambda uri: checkpoint_uri(uri))]
 Locations = Annotated[  # one URI, or a list of them (kept as a tuple)
     Annotated[Location, Tag("one")]
     | Annotated[tuple[Location, ...], LIST_AS_TUPLE, AfterValidator(_non_empty), Tag("many")],
@@ -87,7 +95,7 @@ class Config(Section):
 
 
 class ModelConfig(Section):
-    checkpoint: Location
+    checkpoint: Checkpoint
 
 
 class StorageConfig(Section):

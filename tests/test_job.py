@@ -346,8 +346,9 @@ def test_resume_after_killed_driver(tmp_path, ray_session):
     assert (finished.skipped, finished.ok) == (partial, count - partial) and f"{partial} images done before" in lines[0]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}  # not the test session's Ray
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with its own Ray (not the test session's), and `env` added to the environment."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )

@@ -32,6 +32,7 @@ import ray
 import ray.data
 
 from model import SegGptConfig, check_checkpoint, load_model
+from model.checkpoint import resolve_checkpoint
 from model.memory import KEEP_FREED_MEMORY_ENV
 from pipeline.labelling.compute import Compute, init_ray, resolve_compute
 from pipeline.labelling.config import InputConfig, JobConfig, load_config
@@ -374,10 +375,9 @@ def _count_ran(ran: list[dict[str, Any]], written: pa.RecordBatch | pa.Table) ->
 
 
 def _fingerprint(uri: str, model_config: SegGptConfig, storage_options: dict[str, Any]) -> str:
-    """Identity of a checkpoint: its URI, config, and the names, sizes and versions of its files."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    """Identity of a checkpoint: its URI, config, and the names, sizes and versions of its files (of a hub id: its
+    snapshot's, whose folder is named by the commit)."""
+    fs, path = fsspec.core.url_to_fs(resolve_checkpoint(uri), **storage_options)
     files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     stamp = sorted(
         (name, info.get("size"), str(info.get("ETag") or info.get("mtime") or "")) for name, info in files.items()

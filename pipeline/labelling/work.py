@@ -160,11 +160,11 @@ def plan_work(
     budget: before any Ray task wrote anything."""
     pieces, rows = list(inputs.pieces), inputs.rows
     if rows is None:  # a listing: walked first, to count its inputs
-        listed = [_list_piece.options(num_returns=2).remote(piece, storage_options, retry) for piece in pieces]
-        rows = sum(_get([count for count, _ in listed]))
+        walked = [_list_piece.options(num_returns=2).remote(piece, storage_options, retry) for piece in pieces]
+        rows = sum(_get([count for count, _ in walked]))
         if rows == 0:
             raise InputError(nothing_found(inputs.spec))
-        pieces = [table for _, table in listed]
+        pieces = [table for _, table in walked]
     partitions = max(1, math.ceil(rows / PARTITION_ROWS))
     input_parts = [
         _split_inputs.options(num_returns=partitions + 1).remote(piece, inputs.spec, storage_options, retry, partitions)
@@ -180,7 +180,7 @@ def plan_work(
     del input_parts, index_parts  # the tasks hold what they need
     stats = _get([counts for _, _, counts in planned])
     listed = sum(s["listed"] for s in stats)
-    if listed == 0:
+    if listed == 0:  # a manifest with no keys of the wanted kinds (a listing that finds none is refused above)
         raise InputError(f"input.manifest: no {wanted_kinds(inputs.spec.format)} keys in {inputs.spec.manifest}")
     foreign: dict[tuple[str, str], int] = {}
     for s in stats:
@@ -255,7 +255,8 @@ def _split_inputs(
     retry: Retry,
     partitions: int,
 ) -> tuple:
-    """Ray task: the input rows of a piece (a listed table, or a manifest's piece) by partition, after their count."""
+    """Ray task: the input rows of a piece (a listed table, or a manifest's piece) by partition, after their count
+    (so that the task has two returns at least: Ray gives one ref, not a list, for one)."""
     if isinstance(piece, ManifestPiece):
         rows = retry(lambda: read_piece(piece, spec, storage_options), spec.manifest)
     else:

@@ -32,7 +32,7 @@ import ray
 from PIL import Image
 
 from model import check_checkpoint
-from pipeline.config import absolute_uri
+from pipeline.config import absolute_uri, checkpoint_uri
 from pipeline.prompts.scoring import PromptScorer, prompt_tensors, scores, split_rows
 from pipeline.results import Evaluation, bootstrap, class_iou, mean_iou
 from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_labelled
@@ -113,7 +113,7 @@ def select_prompts(
     `val_fraction` None: 0.3 of the pool, at most about 300 images."""
     options = storage_options or {}
     pool_uri = absolute_uri(pool_uri) if isinstance(pool_uri, str) else tuple(map(absolute_uri, pool_uri))
-    checkpoint, to = absolute_uri(checkpoint), absolute_uri(to)
+    checkpoint, to = checkpoint_uri(checkpoint), absolute_uri(to)
     if k < 1 or candidates < k or not (val_fraction is None or 0 < val_fraction < 1):
         raise SelectionError(
             f"need 1 <= k <= candidates and 0 < val_fraction < 1, got k={k}, "

@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
-from pipeline.config import Config, ConfigSource, Format, Gpus, Location, Locations, Section, Text, load
+from pipeline.config import Checkpoint, Config, ConfigSource, Format, Gpus, Location, Locations, Section, Text, load
 
 
 class TrainModelConfig(Section):
-    checkpoint: Location | None = None  # start from it; else random weights of `config` (SegGptConfig fields)
+    checkpoint: Checkpoint | None = None  # start from it; else random weights of `config` (SegGptConfig fields)
     config: dict[str, Any] | None = None
 
 
