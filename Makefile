@@ -20,4 +20,7 @@ $(VENV)/installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -c .ci/constraints.txt -e ".[test]"
+	# the tests decode the label-studio export with the SDK's own brush decoder (numpy and Pillow only); its package
+	# pins opencv-python-headless<4.13 and twenty more, which the project does not need: installed without them
+	$(PYTHON) -m pip install --quiet --no-deps label-studio-sdk==2.1.2
 	touch $@

@@ -4,8 +4,9 @@ prompts, or run the bundled demo.
     seggpt-autolabel run CONFIG.yaml [--set section.key=value ...] [--dry-run]
     seggpt-autolabel train CONFIG.yaml [--set section.key=value ...]
     seggpt-autolabel evaluate OUTPUT_URI --truth URI [--ignore-index 255|none] [--lowest N] [--json URI]
-    seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks [--to URI] [--classes a,b] [--min-area PX]
-        [--names stem|key] [--images copy|link] [--val-fraction F] [--seed N]
+    seggpt-autolabel export OUTPUT_URI --format coco|yolo-seg|masks|label-studio [--to URI] [--classes a,b]
+        [--min-area PX] [--names stem|key] [--images copy|link] [--val-fraction F] [--seed N] [--lowest N]
+        [--class NAME] [--local-files-root DIR]
     seggpt-autolabel review OUTPUT_URI [--sample N] [--lowest N] [--class NAME] [--to URI]
     seggpt-autolabel select-prompts POOL_URI --checkpoint URI --k MAX --classes a,b [--val-fraction F] [--to URI]
     seggpt-autolabel tune CONFIG.yaml [--set section.key=value ...]
@@ -187,6 +188,13 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=float, default=0.0, metavar="F", help="yolo-seg: about this share of keys to val/"
     )
     parser.add_argument("--seed", type=int, default=0, help="yolo-seg: the seed of the train/val split")
+    parser.add_argument("--lowest", type=int, metavar="N", help="only the N lowest-scoring ok images")
+    parser.add_argument("--class", dest="class_name", metavar="NAME", help="with --lowest: by this class's score")
+    parser.add_argument(
+        "--local-files-root",
+        metavar="DIR",
+        help="label-studio: Label Studio's LOCAL_FILES_DOCUMENT_ROOT; local images get local-files URLs under it",
+    )
     _add_storage_options(parser, "fsspec options for both URIs")
 
 
@@ -202,6 +210,9 @@ def _export(args: argparse.Namespace) -> None:
             images=args.images,
             val_fraction=args.val_fraction,
             seed=args.seed,
+            lowest=args.lowest,
+            class_name=args.class_name,
+            local_files_root=args.local_files_root,
             storage_options=args.storage_options,
         )
     )

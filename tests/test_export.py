@@ -4,9 +4,12 @@ were WebDataset shards."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import fsspec
 import numpy as np
@@ -14,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import supervision as sv
 import yaml
+from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 from pycocotools import mask as coco_mask
 from test_job import encoded, picture
@@ -315,3 +319,92 @@ def test_outputs_from_before_class_scores_still_export_and_review(tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"{key[:-4]}.png")), labels)
     pictured = review(uri, lowest=3)
     assert len(pictured.overlays) == 3 and pictured.unreadable == []
+
+
+def ls_regions(task: dict) -> np.ndarray:
+    """The class map a Label Studio task's brush predictions paint, each region decoded by the SDK's own decoder."""
+    (prediction,) = task["predictions"]
+    first = prediction["result"][0]
+    union = np.zeros((first["original_height"], first["original_width"]), np.uint8)
+    for region in prediction["result"]:
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "label", "image")
+        assert region["value"]["format"] == "rle" and region["image_rotation"] == 0
+        shape = (region["original_height"], region["original_width"])
+        pixels = np.reshape(decode_rle(region["value"]["rle"]), (*shape, 4))[:, :, 3] > 0
+        assert not union[pixels].any()  # regions never overlap
+        (name,) = region["value"]["brushlabels"]
+        union[pixels] = CLASSES.index(name)
+    return union
+
+
+def test_label_studio_tasks_decode_to_the_class_maps_with_its_sdk(output):
+    """Every pixel of every region through `label_studio_sdk.converter.brush.decode_rle`; local images get
+    local-files URLs under the document root, S3 ones their URI; the labelling config names the classes."""
+    uri, options, maps = output
+    local = not uri.startswith("s3://")
+    root = str(Path(uri).parent) if local else None
+    summary = export(uri, "label-studio", local_files_root=root, storage_options=options)
+
+    assert (summary.images, summary.skipped, summary.regions) == (150, 5, 150 * 5)
+    tasks = read_json(f"{uri}/export/label-studio/tasks.json", options)
+    assert sorted(task["data"]["key"] for task in tasks) == sorted(maps)
+    for task in tasks:
+        key = task["data"]["key"]
+        assert task["data"]["image"] == (
+            f"/data/local-files/?d=images/{key}" if local else f"s3://export-tests/images/{key}"
+        )
+        assert np.array_equal(ls_regions(task), maps[key])
+        assert task["predictions"][0]["model_version"] == "seggpt-test" and task["predictions"][0]["score"] == 0.75
+    with fsspec.open(f"{uri}/export/label-studio/labeling_config.xml", "r", **options) as file:
+        config = ElementTree.fromstring(file.read())
+    assert config.find("Image").get("name") == "image" and config.find("BrushLabels").get("toName") == "image"
+    assert [label.get("value") for label in config.iter("Label")] == ["bar", "disc"]
+
+
+def test_label_studio_sends_the_lowest_images_of_a_class_and_copies_shard_members(tmp_path, capsys):
+    """`--lowest 3 --class disc` through the CLI: the three images whose disc scores lowest (not the lowest overall);
+    images inside a tar shard are copied beside the tasks and addressed under the local-files root."""
+    maps = {f"s.tar/{i}.jpg": scene(i)[0] for i in range(8)}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, (key, labels) in enumerate(maps.items()):
+            data = encoded(picture(i, labels.shape[::-1]))
+            info = tarfile.TarInfo(key.split("/", 1)[1])
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    disc_scores = [0.9, 0.2, 0.8, 0.1, 0.7, 0.3, 0.6, 0.95]  # lowest: 3, 1, 5
+    rows = [
+        {
+            **result(key),
+            "source": f"file://{tmp_path}/s.tar",
+            "width": labels.shape[1],
+            "height": labels.shape[0],
+            "mask": encode_png(labels, build_palette(2)),
+            "class_ids": [0, 1, 2],
+            "class_scores": [0.99, 0.5, disc_scores[i]],
+            "score": 0.05 if i == 7 else 0.5,  # the lowest overall, but not by disc
+        }
+        for i, (key, labels) in enumerate(maps.items())
+    ]
+    uri = str(tmp_path / "out")
+    LabelWriter(uri, {}, png=False)(batch(rows))
+    write_job_files(uri, {}, {"classes": CLASSES, "palette": build_palette(2).tolist()}, success=True)
+    to = tmp_path / "ls"
+
+    args = ["export", uri, "--format", "label-studio", "--lowest", "3", "--class", "disc", "--to", str(to)]
+    assert cli([*args, "--local-files-root", str(tmp_path)]) == 0
+    assert "exported 3 images" in capsys.readouterr().out
+    tasks = json.loads((to / "tasks.json").read_text())
+    assert [task["data"]["key"] for task in tasks] == ["s.tar/1.jpg", "s.tar/3.jpg", "s.tar/5.jpg"]
+    for task in tasks:
+        key = task["data"]["key"]
+        assert task["data"]["image"] == f"/data/local-files/?d=ls/images/{key}"
+        assert (to / "images" / key).read_bytes() == tarfile.open(tmp_path / "s.tar").extractfile(key[6:]).read()
+        assert np.array_equal(ls_regions(task), maps[key])
+        discs = [r for r in task["predictions"][0]["result"] if r["value"]["brushlabels"] == ["disc"]]
+        assert {r["score"] for r in discs} == {disc_scores[int(key[6])]}
+    config = ElementTree.fromstring((to / "labeling_config.xml").read_text())
+    colours = [label.get("background") for label in config.iter("Label")]
+    assert colours == ["#" + bytes(colour).hex() for colour in build_palette(2)[1:].tolist()]
+
+    assert cli([*args[:-2], "--to", str(tmp_path / "elsewhere"), "--local-files-root", str(tmp_path / "other")]) == 2
+    assert "--local-files-root: " in capsys.readouterr().err

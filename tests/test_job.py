@@ -175,7 +175,7 @@ def test_end_to_end_on_s3(kind, assets, s3_bucket, ray_session):
     assert (summary.ok, summary.error) == (len(keys), 0)
     assert (
         lines[0] == f"planned: {len(keys) if kind == 'images' else 2} input files, 0 images done before, "
-        f"{len(keys) if kind == 'images' else 2} files or shards to read (1 partitions)"
+        f"{len(keys) if kind == 'images' else 2} files or shards to read"
     )
     assert lines[1] == (
         "compute: no GPU (CPU model actors), float32, sdpa attention: the cluster has no GPUs, its "

@@ -79,6 +79,7 @@ class Summary:
     error: int = 0
     skipped: int = 0
     added: int = 0  # keys in labels/ now that were not before the run
+    partitions: int = 0  # of the planning on Ray (pipeline.labelling.work)
     seconds: float = 0.0
     output_uri: str = ""
     # what the model actors ran with, as they said: [{device, dtype, attention, images}], images labelled ok
@@ -221,11 +222,11 @@ def autolabel(
         work = _plan(job, compute, fs, before)
         if output.on_mismatch == "refuse":
             _refuse_foreign_labels(work.foreign, model, prompt_set, output.uri, _made_with(job, compute, runs))
-        summary.skipped = work.skipped
+        summary.skipped, summary.partitions = work.skipped, work.partitions
         lease.retry(lambda: prepare_output(fs, root, resume=output.resume), output.uri)
         log(
             f"planned: {work.listed} input files, {summary.skipped} images done before, "
-            f"{work.pending} files or shards to read ({work.partitions} partitions)"
+            f"{work.pending} files or shards to read"
         )
         log(f"compute: {compute}")
 

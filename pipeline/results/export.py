@@ -10,12 +10,21 @@
   polygon is its outer contour (OpenCV), with each hole joined in through a zero-width bridge to its nearest point,
   so that filling the polygon leaves the hole out. YOLO class numbers count the exported classes from 0.
 - `masks`: a plain label-map PNG per image (`<name>.png`, pixel = class id, 8-bit; 16-bit above 255 classes).
+- `label-studio`: `tasks.json`, Label Studio pre-annotations: a task per image (`data.image`: its URL, see below)
+  with one prediction (`model_version`: the row's model, `score`) whose results are its regions as `brushlabels` in
+  Label Studio's brush RLE (`brush_rle`), each with its class's score; and `labeling_config.xml`, the project's
+  labelling interface (an `Image` and a `BrushLabels` of the exported classes in the job's colours). An image's URL
+  is its source (`s3://`, `gs://`, `https://`: Label Studio reads them through its cloud storage), or under
+  `local_files_root` Label Studio's local-files URL (`/data/local-files/?d=<path under the root>`). A shard's member
+  has no URL of its own: its image is copied to `images/<name>` beside the tasks and addressed the same way.
 
 A file's `<name>` is its key without the image extension (`day/a.jpg` → `day/a`), as training tools pair an image
 with its label; a key whose stem another key shares (`a.jpg` and `a.png`) keeps its whole key (`a.jpg`), and the
 export says which. `names="key"` names every file by its whole key.
 
 Rows are read from `labels/` a Parquet batch at a time, never the whole table; error rows are skipped and counted.
+`lowest` (with `class_name`: by that class's score, among the images that have it) exports only the N ok rows with
+the lowest score, the images worth a person's time (the choice `review` makes).
 `classes` keeps only those classes (the others become background), `min_area` drops regions smaller than that many
 pixels. File names come from `pipeline.storage.output.key_path`, so no key names a place outside the target.
 """
@@ -26,7 +35,6 @@ import io
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,17 +53,16 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from model.processing import decode_png
+from pipeline.results.label_studio import LabelStudioWriter
+from pipeline.results.review import RowChooser
+from pipeline.results.writing import ExportError, Region, append_record, copy_spool, image_extension, put_file
 from pipeline.storage.formats import read_images
 from pipeline.storage.listing import IMAGE_EXTENSION, SHARD_MEMBER_KEY, key_share
 from pipeline.storage.output import JOB_FILE, LABELS_DIR, key_path, label_batches, label_rows
 
-FORMATS = ("coco", "yolo-seg", "masks")
+FORMATS = ("coco", "yolo-seg", "masks", "label-studio")
 NAMES = ("stem", "key")
 IMAGES = ("copy", "link")
-
-
-class ExportError(ValueError):
-    """The export cannot start: no job output there, or classes it does not have."""
 
 
 @dataclass
@@ -77,23 +84,6 @@ class ExportSummary:
         )
 
 
-@dataclass(frozen=True)
-class Region:
-    """One 8-connected component of a class: its pixels within its bounding box, at (x, y) in the image."""
-
-    class_id: int
-    x: int
-    y: int
-    crop: np.ndarray  # (h, w) bool
-
-    def full(self, shape: tuple[int, int]) -> np.ndarray:
-        """(H, W) bool: the region in an image of `shape`."""
-        mask = np.zeros(shape, bool)
-        height, width = self.crop.shape
-        mask[self.y : self.y + height, self.x : self.x + width] = self.crop
-        return mask
-
-
 def export(
     output_uri: str,
     fmt: str,
@@ -105,13 +95,17 @@ def export(
     images: str = "copy",
     val_fraction: float = 0.0,
     seed: int = 0,
+    lowest: int | None = None,
+    class_name: str | None = None,
+    local_files_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
 ) -> ExportSummary:
     """Write the labels of the job output at `output_uri` as `fmt` under `to` (default `<output_uri>/export/<fmt>`).
 
-    `names`, `images`, `val_fraction` and `seed` shape the files of `yolo-seg` and `masks` (module docstring)."""
+    `names`, `images`, `val_fraction` and `seed` shape the files of `yolo-seg` and `masks`, `local_files_root` the
+    image URLs of `label-studio`; `lowest` and `class_name` choose the rows (module docstring)."""
     _check_choice("--format", fmt, FORMATS)
     _check_choice("--names", names, NAMES)
     _check_choice("--images", images, IMAGES)
@@ -125,6 +119,10 @@ def export(
         raise ExportError(f"{output_uri}: no {JOB_FILE}: not the output of a labelling job") from None
     class_names = job["classes"]  # background first
     kept = _kept_class_ids(class_names, classes)
+    if class_name is not None and class_name not in class_names[1:]:
+        raise ExportError(f"--class: {class_name} is not among the job's classes ({', '.join(class_names[1:])})")
+    if class_name is not None and not lowest:
+        raise ExportError("--class: takes --lowest N (the N lowest-scoring images of that class)")
     target = (to or f"{output_uri.rstrip('/')}/export/{fmt}").rstrip("/")
     summary = ExportSummary(target=target)
     name_of, summary.named_by_key = _file_names(fs, root, "key" if fmt == "coco" else names)  # COCO: by key
@@ -132,6 +130,10 @@ def export(
         writer: CocoWriter | YoloWriter | MaskWriter = CocoWriter(target, class_names, kept, options)
     elif fmt == "masks":
         writer = MaskWriter(target, class_names, name_of, options)
+    elif fmt == "label-studio":
+        image_column = job.get("config", {}).get("input", {}).get("image_column", "image")
+        palette = job.get("palette") or []
+        writer = LabelStudioWriter(target, class_names, palette, kept, name_of, local_files_root, image_column, options)
     else:
         image_column = job.get("config", {}).get("input", {}).get("image_column", "image")
         splits = YoloSplits(val_fraction, seed)
@@ -139,13 +141,13 @@ def export(
     files = sorted(fs.find(f"{root}/{LABELS_DIR}"))
     total = sum(_row_count(fs, path) for path in files)
     last_report = time.monotonic()
-    for row in label_rows(fs, root, ["key", "source", "status", "mask"]):
+    for row in _chosen_rows(fs, root, lowest, None if class_name is None else class_names.index(class_name)):
         if row["status"] != "ok" or row["mask"] is None:
             summary.skipped += 1
             continue
         class_map = decode_png(row["mask"])
         regions = list(_regions(class_map, kept, min_area))
-        writer.add(row["key"], row["source"], class_map.shape, regions)
+        writer.add(row, class_map.shape, regions)
         summary.images += 1
         summary.regions += len(regions)
         if time.monotonic() - last_report >= progress_every_s:
@@ -153,6 +155,22 @@ def export(
             log(f"export: {summary.images + summary.skipped} of {total} rows")
     writer.close()
     return summary
+
+
+def _chosen_rows(
+    fs: fsspec.AbstractFileSystem, root: str, lowest: int | None, class_id: int | None
+) -> Iterator[dict[str, Any]]:
+    """The rows to export: every row, streamed; with `lowest`, the `lowest` ok rows of lowest score (of `class_id`'s
+    score, among rows that have it), in key order, chosen in one pass that keeps only those."""
+    columns, optional = ["key", "source", "status", "mask", "score", "model", "class_ids"], ("class_scores",)
+    if not lowest:
+        yield from label_rows(fs, root, columns, optional)
+        return
+    chooser = RowChooser(0, lowest, class_id, seed=0)
+    for row in label_rows(fs, root, columns, optional):
+        if row["status"] == "ok":
+            chooser.offer(row)
+    yield from sorted(chooser.chosen(), key=lambda row: row["key"])
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -213,14 +231,15 @@ class CocoWriter:
         self.annotations = open(f"{self.spool.name}/annotations", "w+")
         self.image_id = self.annotation_id = 0
 
-    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, row: dict[str, Any], shape: tuple[int, int], regions: list[Region]) -> None:
+        key = row["key"]
         self.image_id += 1
         height, width = shape
-        _append(self.images, {"id": self.image_id, "file_name": key, "width": width, "height": height})
+        append_record(self.images, {"id": self.image_id, "file_name": key, "width": width, "height": height})
         for region in regions:
             rle = coco_mask.encode(np.asfortranarray(region.full(shape), dtype=np.uint8))
             self.annotation_id += 1
-            _append(
+            append_record(
                 self.annotations,
                 {
                     "id": self.annotation_id,
@@ -237,22 +256,13 @@ class CocoWriter:
         head = {"info": {"description": "seggpt-autolabel export"}, "licenses": [], "categories": self.categories}
         with fsspec.open(self.target, "w", auto_mkdir=True, **self.options) as out:
             out.write(json.dumps(head)[:-1] + ', "images": [')
-            _copy(self.images, out)
+            copy_spool(self.images, out)
             out.write('], "annotations": [')
-            _copy(self.annotations, out)
+            copy_spool(self.annotations, out)
             out.write("]}\n")
         self.images.close()
         self.annotations.close()
         self.spool.cleanup()
-
-
-def _append(spool: io.TextIOBase, record: dict[str, Any]) -> None:
-    spool.write(("," if spool.tell() else "") + json.dumps(record))
-
-
-def _copy(spool: io.TextIOBase, out: io.TextIOBase) -> None:
-    spool.seek(0)
-    shutil.copyfileobj(spool, out)
 
 
 @dataclass(frozen=True)
@@ -299,7 +309,8 @@ class YoloWriter:
         }
         self.fs.pipe_file(f"{self.root}/data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
 
-    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, row: dict[str, Any], shape: tuple[int, int], regions: list[Region]) -> None:
+        key, source = row["key"], row["source"]
         height, width = shape
         lines = []
         for region in regions:
@@ -309,7 +320,7 @@ class YoloWriter:
             points = " ".join(f"{x / width:.6f} {y / height:.6f}" for x, y in outline)
             lines.append(f"{self.number[region.class_id]} {points}\n")
         split, name = self.splits.of(key), self.name_of(key)
-        _put(self.fs, f"{self.root}/labels/{split}/{key_path(name, '.txt')}", "".join(lines).encode())
+        put_file(self.fs, f"{self.root}/labels/{split}/{key_path(name, '.txt')}", "".join(lines).encode())
         if self.pending and self.pending[0]["source"] != source:
             self._write_images()
         self.pending.append({"key": key, "source": source, "path": f"images/{split}/{key_path(name, '')}"})
@@ -323,7 +334,7 @@ class YoloWriter:
             return
         if self.images == "link" and re.match(SHARD_MEMBER_KEY, self.pending[0]["key"]) is None:
             (item,) = self.pending
-            path = f"{self.root}/{item['path']}{_extension(item['key'], None)}"
+            path = f"{self.root}/{item['path']}{image_extension(item['key'], None)}"
             self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
             if os.path.lexists(path):  # an earlier export's
                 os.remove(path)
@@ -333,22 +344,9 @@ class YoloWriter:
             for item in self.pending:
                 if item["key"] not in data:
                     raise ExportError(f"{item['source']}: the image of {item['key']} cannot be read")
-                path = f"{self.root}/{item['path']}{_extension(item['key'], data[item['key']])}"
-                _put(self.fs, path, data[item["key"]])
+                path = f"{self.root}/{item['path']}{image_extension(item['key'], data[item['key']])}"
+                put_file(self.fs, path, data[item["key"]])
         self.pending = []
-
-
-def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
-    fs.pipe_file(path, data)
-
-
-def _extension(key: str, data: bytes | None) -> str:
-    """The image file extension of a key (`.jpg`), or of its bytes where the key has none (a Parquet row)."""
-    found = re.search(IMAGE_EXTENSION, key)
-    if found or data is None:
-        return found.group(0) if found else ""
-    return "." + (Image.open(io.BytesIO(data)).format or "jpeg").lower().replace("jpeg", "jpg")
 
 
 def _polygon(region: Region) -> np.ndarray:
@@ -384,14 +382,14 @@ class MaskWriter:
         self.name_of = name_of
         self.dtype = np.uint8 if len(names) <= 256 else np.uint16
 
-    def add(self, key: str, source: str, shape: tuple[int, int], regions: list[Region]) -> None:
+    def add(self, row: dict[str, Any], shape: tuple[int, int], regions: list[Region]) -> None:
         label_map = np.zeros(shape, self.dtype)
         for region in regions:
             height, width = region.crop.shape
             label_map[region.y : region.y + height, region.x : region.x + width][region.crop] = region.class_id
         buffer = io.BytesIO()
         Image.fromarray(label_map).save(buffer, format="PNG")
-        _put(self.fs, f"{self.root}/{key_path(self.name_of(key), '.png')}", buffer.getvalue())
+        put_file(self.fs, f"{self.root}/{key_path(self.name_of(row['key']), '.png')}", buffer.getvalue())
 
     def close(self) -> None:
         pass

@@ -114,7 +114,7 @@ def review(
         raise ReviewError(f"--class: {class_name} is not among the job's classes ({', '.join(names[1:])})")
     if sample is None and lowest is None:
         sample = 100
-    chooser = _Chooser(sample or 0, lowest or 0, None if class_name is None else names.index(class_name), seed)
+    chooser = RowChooser(sample or 0, lowest or 0, None if class_name is None else names.index(class_name), seed)
     totals = [ClassTotals() for _ in names]
     result = Review(page="", overlays=[])
     for row in label_rows(fs, root, _COLUMNS, optional=("class_scores",)):
@@ -199,7 +199,7 @@ def _write_overlays(
     return sorted(cards, key=lambda card: math.inf if card["score"] is None else card["score"])
 
 
-class _Chooser:
+class RowChooser:
     """The rows to picture, chosen in one pass keeping at most `lowest + sample` rows (masks included)."""
 
     def __init__(self, sample: int, lowest: int, class_id: int | None, seed: int) -> None:
