@@ -408,3 +408,43 @@ def test_label_studio_sends_the_lowest_images_of_a_class_and_copies_shard_member
 
     assert cli([*args[:-2], "--to", str(tmp_path / "elsewhere"), "--local-files-root", str(tmp_path / "other")]) == 2
     assert "--local-files-root: " in capsys.readouterr().err
+
+
+def test_a_coco_export_reads_back_as_a_labelled_pool(tmp_path):
+    """The way back: COCO (ours, RLE) and a CVAT-style one (polygons, its own category ids, `annotations/` beside
+    `images/`) are labelled pools; categories become class ids by name, images are found beside the JSON."""
+    from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_pairs
+
+    uri = str(tmp_path / "out")
+    maps = {f"day/{i:03d}.jpg": scene(i)[0] for i in range(20)}
+    write_output(uri, {}, maps)
+    export(uri, "coco", to=str(tmp_path))  # instances.json beside images/
+    source = LabelledSource(str(tmp_path / "instances.json"), classes=("bar", "disc"))
+    items = labelled_pairs(source, {}, 2)
+    pairs = {pair["key"]: pair for pair in read_pairs(items, source, {})}
+    assert sorted(pairs) == sorted(maps)
+    for key, pair in pairs.items():
+        assert not pair["error"] and pair["image"] == (tmp_path / "images" / key).read_bytes()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(pair["mask"]))), maps[key])  # every pixel
+
+    cvat = tmp_path / "cvat"
+    (cvat / "annotations").mkdir(parents=True)
+    (cvat / "images").mkdir()
+    Image.new("RGB", (40, 30)).save(cvat / "images" / "a.png")
+    coco = {
+        "categories": [{"id": 1, "name": "disc"}, {"id": 2, "name": "bar"}, {"id": 3, "name": "cat"}],
+        "images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 2, "segmentation": [[4, 4, 24, 4, 24, 14, 4, 14]], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 1, "segmentation": [[30, 20, 38, 20, 38, 28, 30, 28]]},
+            {"id": 3, "image_id": 7, "category_id": 3, "segmentation": [[0, 25, 5, 25, 5, 29, 0, 29]]},
+        ],
+    }
+    (cvat / "annotations" / "instances_default.json").write_text(json.dumps(coco))
+    source = LabelledSource(str(cvat / "annotations" / "instances_default.json"), classes=("bar", "disc"))
+    (pair,) = read_pairs(labelled_pairs(source, {}, 2), source, {})
+    labels = np.asarray(Image.open(io.BytesIO(pair["mask"])))
+    bar, disc = np.argwhere(labels == 1), np.argwhere(labels == 2)
+    assert set(np.unique(labels)) == {0, 1, 2}  # "cat" is none of the classes: background
+    assert (bar.min(0).tolist(), bar.max(0).tolist()) == ([4, 4], [13, 23])  # rows 4..13, columns 4..23
+    assert (disc.min(0).tolist(), disc.max(0).tolist()) == ([20, 30], [27, 37])

@@ -121,7 +121,13 @@ def select_prompts(
         )
     size = check_checkpoint(checkpoint, storage_options=options).input_size
     pool = _Pool.read(
-        LabelledSource(pool_uri, format, config_key="POOL_URI"), options, size, classes, val_fraction, seed, k
+        LabelledSource(pool_uri, format, config_key="POOL_URI", classes=tuple(classes)),
+        options,
+        size,
+        classes,
+        val_fraction,
+        seed,
+        k,
     )
     rng = np.random.default_rng(seed)
     picks = _candidates(pool.train, pool.present, classes, candidates, rng)

@@ -104,7 +104,9 @@ def tune(
         raise ConfigError(f"data.val_fraction: expected a number between 0 and 1, got {data.val_fraction}")
     size = check_checkpoint(config.model.checkpoint, storage_options=options).input_size
     start, name = _starting_prompt(config, size)
-    source = LabelledSource(data.uri, data.format, data.image_column, data.mask_column, data.mask_field)
+    source = LabelledSource(
+        data.uri, data.format, data.image_column, data.mask_column, data.mask_field, classes=tuple(chosen.classes)
+    )
     items = labelled_pairs(source, options, len(chosen.classes))
     resume = latest_checkpoint(config.output.uri, options)
     if resume is not None:

@@ -5,7 +5,11 @@
 - **webdataset**: `.tar` shards whose samples hold an image member and a mask member of the same basename prefix,
   the mask's field being `mask_field` (`0001.jpg` + `0001.seg.png`);
 - **parquet**: shards with the image in `image_column` and the mask in `mask_column` (bytes, or the Hugging Face
-  `{bytes, path}` struct).
+  `{bytes, path}` struct);
+- **coco**: a COCO instances JSON (a URI ending in `.json`), as CVAT and Label Studio export corrected labels: each
+  image's annotations (polygons or RLE, through `pycocotools`) painted into its mask, a category by its name's
+  position in `classes` (the others left background; without `classes`, by its id). An image's `file_name` is taken
+  relative to the JSON's folder, or to an `images/` folder beside it or beside that folder (CVAT's layout).
 
 Masks are label maps: pixel = class id, 0 = background, at the size of their image. `labelled_pairs` lists the data
 and opens its first pair on the driver, so that data that is wrong throughout is refused before any Ray work (no
@@ -18,7 +22,9 @@ as the job's inputs are; `read_pairs` gives the undecoded rows (`PAIR_SCHEMA`) o
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from model.processing import prepare_image
 from pipeline.storage.formats import is_image_field, parquet_rows, resumable, tables_of, tar_samples
@@ -57,6 +64,7 @@ class LabelledSource:
     mask_column: str = "mask"
     mask_field: str = "seg.png"
     config_key: str = "data.uri"  # where the user gave `uri`, to name in errors
+    classes: tuple[str, ...] | None = None  # the names of class ids 1, 2, ...: how COCO categories become ids
 
     @property
     def uris(self) -> tuple[str, ...]:
@@ -66,23 +74,14 @@ class LabelledSource:
 def labelled_pairs(
     source: LabelledSource, storage_options: dict[str, Any], num_classes: int, *, retry: Retry = Retry()
 ) -> pa.Table:
-    """The work items (key, kind, source, mask_source) of the labelled data, checked on its first pair."""
-    listing = list_inputs(source, storage_options)
-    shards = listing.filter(pc.not_equal(listing["kind"], "images"))
-    loose = listing.filter(pc.equal(listing["kind"], "images")).to_pydict()
-    sources = dict(zip(loose["key"], loose["source"]))
-    try:
-        pairs = image_mask_pairs(loose["key"], ".")
-    except ValueError as error:
-        raise InputError(f"{source.config_key}: {error}") from None
-    items = pa.table(
-        {
-            "key": [image for _, image, _ in pairs] + shards["key"].to_pylist(),
-            "kind": ["images"] * len(pairs) + shards["kind"].to_pylist(),
-            "source": [sources[image] for _, image, _ in pairs] + shards["source"].to_pylist(),
-            "mask_source": [sources[mask] for _, _, mask in pairs] + [None] * shards.num_rows,
-        }
-    )
+    """The work items (key, kind, source, mask_source, annotations) of the labelled data, checked on its first
+    pair."""
+    coco = [uri for uri in source.uris if uri.lower().endswith(".json")]
+    others = tuple(uri for uri in source.uris if uri not in coco)
+    parts = [_coco_items(uri, source, storage_options) for uri in coco]
+    if others:
+        parts.append(_listed_items(dataclasses.replace(source, uri=others), storage_options))
+    items = pa.concat_tables(parts)
     opened = read_pairs(items.slice(0, 4), source, storage_options, retry=retry)
     first = next((pair for pair in opened if not pair["error"]), None)
     if first is None:
@@ -93,6 +92,97 @@ def labelled_pairs(
     if problem:
         raise InputError(f"{source.config_key}: {first['key']}: {problem}")
     return items
+
+
+def _listed_items(source: LabelledSource, storage_options: dict[str, Any]) -> pa.Table:
+    """The work items of listed files: image and mask pairs, and shards."""
+    listing = list_inputs(source, storage_options)
+    shards = listing.filter(pc.not_equal(listing["kind"], "images"))
+    loose = listing.filter(pc.equal(listing["kind"], "images")).to_pydict()
+    sources = dict(zip(loose["key"], loose["source"]))
+    try:
+        pairs = image_mask_pairs(loose["key"], ".")
+    except ValueError as error:
+        raise InputError(f"{source.config_key}: {error}") from None
+    return pa.table(
+        {
+            "key": [image for _, image, _ in pairs] + shards["key"].to_pylist(),
+            "kind": ["images"] * len(pairs) + shards["kind"].to_pylist(),
+            "source": [sources[image] for _, image, _ in pairs] + shards["source"].to_pylist(),
+            "mask_source": [sources[mask] for _, _, mask in pairs] + [None] * shards.num_rows,
+            "annotations": pa.nulls(len(pairs) + shards.num_rows, pa.string()),
+        }
+    )
+
+
+def _coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any]) -> pa.Table:
+    """The work items of a COCO instances JSON: an image each, with its size and annotations (as JSON) and the class
+    id of each category."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    try:
+        coco = json.loads(fs.cat_file(path))
+        images, annotations, categories = coco["images"], coco.get("annotations", []), coco["categories"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{source.config_key}: {uri}: not a COCO instances JSON ({type(error).__name__}: {error})"
+        ) from None
+    if not images:
+        raise InputError(f"{source.config_key}: {uri}: a COCO JSON without images")
+    if source.classes is None:
+        class_of = {c["id"]: c["id"] for c in categories}
+    else:
+        class_of = {c["id"]: source.classes.index(c["name"]) + 1 for c in categories if c["name"] in source.classes}
+    folder = posixpath.dirname(path)
+    bases = [folder, f"{folder}/images", f"{posixpath.dirname(folder)}/images"]
+    base = next((b for b in bases if fs.exists(f"{b}/{images[0]['file_name']}")), None)
+    if base is None:
+        raise InputError(
+            f"{source.config_key}: {uri}: the image {images[0]['file_name']} is in none of {', '.join(bases)}"
+        )
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for annotation in annotations:
+        if annotation.get("category_id") in class_of:
+            by_image.setdefault(annotation["image_id"], []).append(
+                {"class_id": class_of[annotation["category_id"]], "segmentation": annotation["segmentation"]}
+            )
+    return pa.table(
+        {
+            "key": [image["file_name"] for image in images],
+            "kind": ["coco"] * len(images),
+            "source": [fs.unstrip_protocol(f"{base}/{image['file_name']}") for image in images],
+            "mask_source": pa.nulls(len(images), pa.string()),
+            "annotations": [
+                json.dumps(
+                    {"height": image["height"], "width": image["width"], "regions": by_image.get(image["id"], [])}
+                )
+                for image in images
+            ],
+        }
+    )
+
+
+def _coco_pair(item: dict[str, Any], storage_options: dict[str, Any], retry: Retry) -> dict[str, Any]:
+    """A COCO image with its annotations painted into a label map (later annotations over earlier ones)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
+        image = retry(lambda: fs.cat_file(path), item["source"])
+        drawn = json.loads(item["annotations"])
+        height, width = drawn["height"], drawn["width"]
+        labels = np.zeros((height, width), np.uint8)
+        for region in drawn["regions"]:
+            segmentation = region["segmentation"]
+            if isinstance(segmentation, list):  # polygons
+                rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+            elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+                rle = coco_mask.frPyObjects(segmentation, height, width)
+            else:
+                rle = {**segmentation, "counts": segmentation["counts"].encode()}
+            labels[coco_mask.decode(rle) > 0] = region["class_id"]
+        buffer = io.BytesIO()
+        Image.fromarray(labels).save(buffer, format="PNG")
+        return _pair(item["key"], image, buffer.getvalue())
+    except Exception as error:
+        return _unreadable(item["key"], error)
 
 
 def read_labelled(
@@ -168,6 +258,8 @@ def read_pairs(
     for item in items.to_pylist():
         if item["kind"] == "images":
             yield _loose_pair(item, storage_options, retry)
+        elif item["kind"] == "coco":
+            yield _coco_pair(item, storage_options, retry)
         else:
             yield from _shard_pairs(item, source, storage_options, images, retry)
 
