@@ -412,7 +412,9 @@ def test_label_studio_sends_the_lowest_images_of_a_class_and_copies_shard_member
 
 def test_a_coco_export_reads_back_as_a_labelled_pool(tmp_path):
     """The way back: COCO (ours, RLE) and a CVAT-style one (polygons, its own category ids, `annotations/` beside
-    `images/`) are labelled pools; categories become class ids by name, images are found beside the JSON."""
+    `images/`) are labelled pools, and truth for `evaluate`; categories become class ids by name, images are found
+    beside the JSON."""
+    from pipeline.results import evaluate
     from pipeline.storage.pairs import LabelledSource, labelled_pairs, read_pairs
 
     uri = str(tmp_path / "out")
@@ -426,6 +428,8 @@ def test_a_coco_export_reads_back_as_a_labelled_pool(tmp_path):
     for key, pair in pairs.items():
         assert not pair["error"] and pair["image"] == (tmp_path / "images" / key).read_bytes()
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(pair["mask"]))), maps[key])  # every pixel
+    scores = evaluate(uri, str(tmp_path / "instances.json"))  # and as evaluate's truth: the labels, exactly
+    assert scores.iou[1:] == [1.0, 1.0] and scores.compared == 20 and scores.without_truth == 0 and not scores.missing
 
     cvat = tmp_path / "cvat"
     (cvat / "annotations").mkdir(parents=True)

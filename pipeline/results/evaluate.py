@@ -34,7 +34,7 @@ from model.processing import decode_png
 from pipeline.results.metrics import DEFINITION, Evaluation, class_iou, mean_iou, missed, overlap
 from pipeline.storage.listing import InputError, list_inputs
 from pipeline.storage.output import JOB_FILE, LABELS_DIR
-from pipeline.storage.pairs import LabelledSource, read_shard_masks
+from pipeline.storage.pairs import LabelledSource, coco_items, coco_label_map, read_shard_masks
 
 _THREADS = 16
 _LABEL_MAP_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
@@ -47,8 +47,18 @@ class UnusableTruth(ValueError):
 class Truth:
     """The truth under a URI, by key: loose label-map files (read when asked for) and shard masks (held as bytes)."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any], *, mask_field: str, mask_column: str) -> None:
-        source = LabelledSource(uri, "auto", mask_column=mask_column, mask_field=mask_field, config_key="--truth")
+    def __init__(
+        self, uri: str, storage_options: dict[str, Any], *, mask_field: str, mask_column: str, classes: list[str]
+    ) -> None:
+        source = LabelledSource(
+            uri, "auto", mask_column=mask_column, mask_field=mask_field, config_key="--truth", classes=tuple(classes)
+        )
+        self.coco: dict[str, str] = {}  # a COCO JSON's annotations by file name
+        if uri.lower().endswith(".json"):
+            items = coco_items(uri, source, storage_options, images=False)
+            self.coco = dict(zip(items["key"].to_pylist(), items["annotations"].to_pylist()))
+            self.fs, self.sources, self.shards = None, {}, {}
+            return
         listing = list_inputs(source, storage_options)
         loose = listing.filter(pc.equal(listing["kind"], "images")).to_pydict()
         self.fs = fsspec.core.url_to_fs(uri, **storage_options)[0]
@@ -62,18 +72,20 @@ class Truth:
         }
 
     def names(self) -> set[str]:
-        """Every truth: loose files by name, shard masks by key."""
-        return set(self.sources) | set(self.shards)
+        """Every truth: loose files by name, shard masks by key, COCO images by file name."""
+        return set(self.sources) | set(self.shards) | set(self.coco)
 
     def name_of(self, key: str) -> str | None:
         """The truth of the label row `key`, or None."""
-        if key in self.shards:
+        if key in self.shards or key in self.coco:
             return key
         stem = posixpath.splitext(key)[0]
         return next((name for name in (f"{stem}.mask.png", f"{key}.png", f"{stem}.png") if name in self.sources), None)
 
     def read(self, name: str) -> np.ndarray:
         """The label map of a truth name; UnusableTruth when it is not one."""
+        if name in self.coco:
+            return coco_label_map(self.coco[name]).astype(np.int64)
         data = self.shards[name] if name in self.shards else self.fs.cat_file(self.sources[name])
         if isinstance(data, str):
             raise UnusableTruth(data)
@@ -112,7 +124,7 @@ def evaluate(
             raise InputError(f"{labels_uri}: no {JOB_FILE}: not the output of a labelling job")
         classes = json.loads(fs.cat_file(f"{root}/{JOB_FILE}"))["classes"]
     classes = list(classes)
-    truth = Truth(truth_uri, options, mask_field=mask_field, mask_column=mask_column)
+    truth = Truth(truth_uri, options, mask_field=mask_field, mask_column=mask_column, classes=classes[1:])
     scoring = _Scoring(Evaluation(classes, np.zeros((3, len(classes)), np.int64), ignore_index=ignore_index))
     seen: set[str] = set()
     with ThreadPoolExecutor(_THREADS) as pool:

@@ -78,7 +78,7 @@ def labelled_pairs(
     pair."""
     coco = [uri for uri in source.uris if uri.lower().endswith(".json")]
     others = tuple(uri for uri in source.uris if uri not in coco)
-    parts = [_coco_items(uri, source, storage_options) for uri in coco]
+    parts = [coco_items(uri, source, storage_options) for uri in coco]
     if others:
         parts.append(_listed_items(dataclasses.replace(source, uri=others), storage_options))
     items = pa.concat_tables(parts)
@@ -115,9 +115,11 @@ def _listed_items(source: LabelledSource, storage_options: dict[str, Any]) -> pa
     )
 
 
-def _coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any]) -> pa.Table:
-    """The work items of a COCO instances JSON: an image each, with its size and annotations (as JSON) and the class
-    id of each category."""
+def coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any], *, images: bool = True) -> pa.Table:
+    """The work items of a COCO instances JSON: an image each, with its size and annotations (as JSON, each with the
+    class id of its category: `coco_label_map` paints them). Without `images` the images are not looked for (their
+    `source` is null)."""
+    find_images = images
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     try:
         coco = json.loads(fs.cat_file(path))
@@ -134,7 +136,7 @@ def _coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any
         class_of = {c["id"]: source.classes.index(c["name"]) + 1 for c in categories if c["name"] in source.classes}
     folder = posixpath.dirname(path)
     bases = [folder, f"{folder}/images", f"{posixpath.dirname(folder)}/images"]
-    base = next((b for b in bases if fs.exists(f"{b}/{images[0]['file_name']}")), None)
+    base = next((b for b in bases if fs.exists(f"{b}/{images[0]['file_name']}")), None) if find_images else ""
     if base is None:
         raise InputError(
             f"{source.config_key}: {uri}: the image {images[0]['file_name']} is in none of {', '.join(bases)}"
@@ -149,7 +151,9 @@ def _coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any
         {
             "key": [image["file_name"] for image in images],
             "kind": ["coco"] * len(images),
-            "source": [fs.unstrip_protocol(f"{base}/{image['file_name']}") for image in images],
+            "source": [
+                fs.unstrip_protocol(f"{base}/{image['file_name']}") if find_images else None for image in images
+            ],
             "mask_source": pa.nulls(len(images), pa.string()),
             "annotations": [
                 json.dumps(
@@ -166,23 +170,29 @@ def _coco_pair(item: dict[str, Any], storage_options: dict[str, Any], retry: Ret
     try:
         fs, path = fsspec.core.url_to_fs(item["source"], **storage_options)
         image = retry(lambda: fs.cat_file(path), item["source"])
-        drawn = json.loads(item["annotations"])
-        height, width = drawn["height"], drawn["width"]
-        labels = np.zeros((height, width), np.uint8)
-        for region in drawn["regions"]:
-            segmentation = region["segmentation"]
-            if isinstance(segmentation, list):  # polygons
-                rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
-            elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-                rle = coco_mask.frPyObjects(segmentation, height, width)
-            else:
-                rle = {**segmentation, "counts": segmentation["counts"].encode()}
-            labels[coco_mask.decode(rle) > 0] = region["class_id"]
         buffer = io.BytesIO()
-        Image.fromarray(labels).save(buffer, format="PNG")
+        Image.fromarray(coco_label_map(item["annotations"])).save(buffer, format="PNG")
         return _pair(item["key"], image, buffer.getvalue())
     except Exception as error:
         return _unreadable(item["key"], error)
+
+
+def coco_label_map(annotations: str) -> np.ndarray:
+    """(H, W) uint8: the label map of a COCO item's `annotations` (`coco_items`), later annotations over earlier
+    ones."""
+    drawn = json.loads(annotations)
+    height, width = drawn["height"], drawn["width"]
+    labels = np.zeros((height, width), np.uint8)
+    for region in drawn["regions"]:
+        segmentation = region["segmentation"]
+        if isinstance(segmentation, list):  # polygons
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = {**segmentation, "counts": segmentation["counts"].encode()}
+        labels[coco_mask.decode(rle) > 0] = region["class_id"]
+    return labels
 
 
 def read_labelled(
