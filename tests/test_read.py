@@ -308,7 +308,7 @@ def test_listing_errors_name_the_key_the_user_set(tmp_path):
         "input.uri": (lambda uri: list_inputs(InputConfig(uri=uri), {}), cases),
         "data.uri": (lambda uri: list_inputs(LabelledSource(uri), {}), cases),
         "POOL_URI": (lambda uri: list_inputs(LabelledSource(uri, config_key="POOL_URI"), {}), cases),
-        "--truth": (lambda uri: Truth(uri, {}, mask_field="seg.png", mask_column="mask"), cases[:2]),
+        "--truth": (lambda uri: Truth(uri, {}, mask_field="seg.png", mask_column="mask", classes=["x"]), cases[:2]),
     }
     for key, (lister, key_cases) in listers.items():
         for uri, problem in key_cases:
