@@ -1,5 +1,6 @@
-"""The labelling job: plan the work (listing, resume index), run the stages (read, preprocess, infer,
-postprocess, write) on Ray Data; its config (`config`) and the compute it settles on (`compute`)."""
+"""The labelling job: plan the work on Ray (`work`: listing or manifest, resume index, pending work; `plan`: what
+one partition of the keys leaves to do), run the stages (read, preprocess, infer, postprocess, write) on Ray Data;
+its config (`config`) and the compute it settles on (`compute`)."""
 
 from pipeline.labelling.compute import resolve_compute
 from pipeline.labelling.config import InputConfig, JobConfig, load_config
