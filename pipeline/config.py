@@ -25,7 +25,6 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from model.checkpoint import is_hub_id
 from pipeline.storage.retry import DEFAULT_RETRY_S
 
 _SECRET_MARKERS = ("secret", "token", "key", "password", "credential", "connection_string")
@@ -46,6 +45,8 @@ def absolute_uri(uri: str) -> str:
 def checkpoint_uri(uri: str) -> str:
     """A checkpoint's URI (`absolute_uri`), or a Hugging Face model id (`org/name[@revision]`, not a path here) as it
     is: each node resolves it in its own hub cache (`model.checkpoint.resolve_checkpoint`)."""
+    from model.checkpoint import is_hub_id  # here: a config is read where torch is not needed (Ray's planning tasks)
+
     return uri if is_hub_id(uri) else absolute_uri(uri)
 
 

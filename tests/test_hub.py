@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
+from jobs.cli import main as cli
 from model import CheckpointError, load_model
 from model.processing import decode_png
 from pipeline.labelling import load_config
-from pipeline.labelling.job import autolabel
 from pipeline.prompts.select import checkpoint_uri
 from pipeline.training.config import load_train_config
-from tests.test_job import TINY, encoded, job_config, make_assets, picture, read_labels, run_cli
+from tests.test_job import TINY, encoded, expected_map, job_config, make_assets, picture, read_labels, run_cli
 
 REPO_ID = "test-org/tiny-seggpt"
 
@@ -78,31 +78,35 @@ def test_configs_keep_a_hub_id_and_make_paths_absolute(tmp_path, monkeypatch):
     assert load_config({**job, "model": {"checkpoint": "s3://b/m"}}).model.checkpoint == "s3://b/m"
 
 
-def test_the_job_labels_with_a_hub_id_offline_as_with_the_folder(assets, tmp_path, ray_session):
+def test_the_job_labels_with_a_hub_id_offline_as_the_model_package_does(assets, tmp_path):
     """The CLI in a fresh process with HF_HUB_CACHE and HF_HUB_OFFLINE=1, as an operator sets them: its model
-    actors resolve the id themselves, in the node's cache, and label exactly as the checkpoint folder does."""
+    actors resolve the id themselves, in the node's cache, and label as the model package does."""
     cache = tmp_path / "hub"
     hub_cache(cache, REPO_ID, assets / "checkpoint")
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(3):
-        (data / f"{i}.jpg").write_bytes(encoded(picture(i, (24, 18))))
-    autolabel(job_config(assets, str(data), str(tmp_path / "by-path"), {}), log=lambda line: None)
+    images = {f"{i}.jpg": encoded(picture(i, (24, 18))) for i in range(3)}
+    for name, payload in images.items():
+        (data / name).write_bytes(payload)
     config = job_config(assets, str(data), str(tmp_path / "by-id"), {})
     config["model"]["checkpoint"] = REPO_ID
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
-    result = run_cli("run", str(tmp_path / "job.yaml"), env=env)
+    result = run_cli("run", str(tmp_path / "job.yaml"), env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
 
     assert result.returncode == 0, result.stderr
-    by_path, by_id = (read_labels(str(tmp_path / name), {}).sort_by("key") for name in ("by-path", "by-id"))
-    assert by_id["key"].to_pylist() == [f"{i}.jpg" for i in range(3)]
-    for a, b in zip(by_path["mask"].to_pylist(), by_id["mask"].to_pylist()):
-        assert np.array_equal(decode_png(a), decode_png(b))
+    rows = read_labels(str(tmp_path / "by-id"), {}).to_pylist()
+    assert sorted(row["key"] for row in rows) == sorted(images)
+    for row in rows:
+        assert np.array_equal(decode_png(row["mask"]), expected_map(assets, images[row["key"]]))
 
+
+def test_an_id_neither_cached_nor_reachable_is_refused_in_one_line(assets, tmp_path, offline_cache, capsys):
+    config = job_config(assets, str(tmp_path), str(tmp_path / "out"), {})
     config["model"]["checkpoint"] = "test-org/not-cached"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    refused = run_cli("run", str(tmp_path / "job.yaml"), env=env)
-    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr  # one line, naming it
-    assert refused.stderr.startswith("seggpt-autolabel: error: test-org/not-cached: a Hugging Face model id, not in")
+    assert cli(["run", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err  # one line, naming the id
+    assert err.startswith("seggpt-autolabel: error: test-org/not-cached: a Hugging Face model id, not in the hub")
+    assert not (tmp_path / "out").exists()

@@ -81,9 +81,9 @@ def labelled_here(output: Path) -> dict[str, dict]:
 
 
 def smaller_pieces(monkeypatch) -> None:
-    """Plan in pieces of 50,000 keys (read by 4 tasks or more), partitions of 60,000, index tasks of 2 files."""
-    monkeypatch.setattr(pipeline.storage.manifest, "PIECE_ROWS", 50_000)
-    monkeypatch.setattr(pipeline.labelling.work, "PARTITION_ROWS", 60_000)
+    """Plan in pieces of 100,000 keys (read by 2 tasks or more), partitions of 100,000, index tasks of 2 files."""
+    monkeypatch.setattr(pipeline.storage.manifest, "PIECE_ROWS", 100_000)
+    monkeypatch.setattr(pipeline.labelling.work, "PARTITION_ROWS", 100_000)
     monkeypatch.setattr(pipeline.labelling.work, "_INDEX_FILES_PER_TASK", 2)
 
 
@@ -109,7 +109,7 @@ def test_a_manifest_of_200000_keys_labels_exactly_the_new_images(assets, tmp_pat
     summary = autolabel(config, log=lines.append)
 
     assert lines[0] == f"planned: {KEYS} input files, {KEYS - 8} images done before, 8 files or shards to read"
-    assert summary.partitions == 4
+    assert summary.partitions == 2
     assert (summary.ok, summary.error, summary.skipped, summary.added) == (8, 0, KEYS - 8, 8)  # nothing else read
     rows = labelled_here(output)
     assert sorted(rows) == sorted(new)  # the new images, and only they, labelled by this run
@@ -161,7 +161,7 @@ def test_a_manifest_of_200000_webdataset_shards_labels_exactly_the_new_members(
     summary = autolabel(config, log=lines.append)
 
     assert lines[0] == f"planned: {KEYS} input files, {len(done)} images done before, 3 files or shards to read"
-    assert summary.partitions == -(-(tmp_path / "manifest.csv").stat().st_size // 16 // 60_000)  # keys guessed by size
+    assert summary.partitions == -(-(tmp_path / "manifest.csv").stat().st_size // 16 // 100_000)  # keys guessed by size
     assert (summary.ok, summary.error) == (5, 0)
     rows = labelled_here(output)
     expected = {f"{name}/{member}": payload for name, content in members.items() for member, payload in content.items()}

@@ -2,8 +2,24 @@
 one partition of the keys leaves to do), run the stages (read, preprocess, infer, postprocess, write) on Ray Data;
 its config (`config`) and the compute it settles on (`compute`)."""
 
-from pipeline.labelling.compute import resolve_compute
-from pipeline.labelling.config import InputConfig, JobConfig, load_config
-from pipeline.labelling.job import autolabel, dry_run, plan
+import importlib
+from typing import Any
 
-__all__ = ["InputConfig", "JobConfig", "autolabel", "dry_run", "load_config", "plan", "resolve_compute"]
+# Imported when first asked for, so that the Ray workers that run the planning tasks (`work`, `plan`: Arrow only)
+# do not import torch and the model with the package.
+_EXPORTS = {
+    "InputConfig": "config",
+    "JobConfig": "config",
+    "load_config": "config",
+    "resolve_compute": "compute",
+    "autolabel": "job",
+    "dry_run": "job",
+    "plan": "job",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.labelling.{_EXPORTS[name]}"), name)

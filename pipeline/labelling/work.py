@@ -27,7 +27,7 @@ import math
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -37,7 +37,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.labelling.config import InputConfig
 from pipeline.labelling.plan import (
     INDEX_SCHEMA,
     InputCount,
@@ -62,6 +61,9 @@ from pipeline.storage.listing import (
 from pipeline.storage.manifest import ManifestPiece, ManifestSpec, read_piece
 from pipeline.storage.output import LABELS_DIR, labels_file_name, parquet_bytes, write_atomically
 from pipeline.storage.retry import Retry, storage_failure
+
+if TYPE_CHECKING:
+    from pipeline.labelling.config import InputConfig
 
 PARTITION_ROWS = 500_000  # input rows per partition, about
 LISTING_FOLDERS_PER_TASK = 16  # top-level folders one listing task walks
