@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections import Counter
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,12 +185,9 @@ def plan_work(
     listed = sum(s["listed"] for s in stats)
     if listed == 0:  # a manifest with no keys of the wanted kinds (a listing that finds none is refused above)
         raise InputError(f"input.manifest: no {wanted_kinds(inputs.spec.format)} keys in {inputs.spec.manifest}")
-    foreign: dict[tuple[str, str], int] = {}
-    for s in stats:
-        for group in s["foreign"]:
-            foreign[group["model"], group["prompt_set"]] = (
-                foreign.get((group["model"], group["prompt_set"]), 0) + group["rows"]
-            )
+    foreign: Counter[tuple[str, str]] = Counter()
+    for group in (group for s in stats for group in s["foreign"]):
+        foreign[group["model"], group["prompt_set"]] += group["rows"]
     counts = [s["counted"] for s in stats if s["counted"] is not None]
     return Work(
         shards=[shards for (shards, _, _), s in zip(planned, stats) if s["shards"]],
