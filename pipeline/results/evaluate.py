@@ -55,7 +55,7 @@ class Truth:
         )
         self.coco: dict[str, str] = {}  # a COCO JSON's annotations by file name
         if uri.lower().endswith(".json"):
-            items = coco_items(uri, source, storage_options, images=False)
+            items = coco_items(uri, source, storage_options, find_images=False)
             self.coco = dict(zip(items["key"].to_pylist(), items["annotations"].to_pylist()))
             self.fs, self.sources, self.shards = None, {}, {}
             return

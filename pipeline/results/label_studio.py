@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
 
 import fsspec
 import numpy as np
@@ -42,7 +43,7 @@ class LabelStudioWriter:
         self.local_root = None if local_files_root is None else os.path.abspath(local_files_root).rstrip("/")
         self.spool = tempfile.TemporaryFile("w+")
         labels = "".join(
-            f'    <Label value="{_xml(names[cid])}"'
+            f"    <Label value={quoteattr(names[cid])}"
             + (f' background="#{bytes(palette[cid]).hex()}"' if cid < len(palette) else "")
             + "/>\n"
             for cid in kept
@@ -105,10 +106,6 @@ class LabelStudioWriter:
                 raise ExportError(f"--local-files-root: {source} is not under {self.local_root}")
             return f"/data/local-files/?d={quote(path[len(self.local_root) + 1 :])}"
         return source
-
-
-def _xml(text: str) -> str:
-    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def brush_rle(mask: np.ndarray) -> list[int]:

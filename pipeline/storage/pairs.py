@@ -115,11 +115,12 @@ def _listed_items(source: LabelledSource, storage_options: dict[str, Any]) -> pa
     )
 
 
-def coco_items(uri: str, source: LabelledSource, storage_options: dict[str, Any], *, images: bool = True) -> pa.Table:
+def coco_items(
+    uri: str, source: LabelledSource, storage_options: dict[str, Any], *, find_images: bool = True
+) -> pa.Table:
     """The work items of a COCO instances JSON: an image each, with its size and annotations (as JSON, each with the
-    class id of its category: `coco_label_map` paints them). Without `images` the images are not looked for (their
-    `source` is null)."""
-    find_images = images
+    class id of its category: `coco_label_map` paints them). Without `find_images` the images are not looked for
+    (their `source` is null)."""
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     try:
         coco = json.loads(fs.cat_file(path))
